@@ -147,10 +147,11 @@ def insert_effusion(scene: Scene, side: str, severity: str, rng: random.Random, 
     frac = (0.12, 0.3, 0.55)[SEVERITY_INDEX[severity]] * rng.uniform(0.85, 1.15)
     level = reg.zmin + frac * height
     depth = (level - z).clamp(min=0)  # how far below the fluid level
-    fluid = lung & (dist < 2.0 + rng.uniform(0.5, 0.9) * depth)
+    fluid = lung & (depth > 0) & (dist < 1.0 + rng.uniform(0.5, 0.9) * depth)
     if supine:
         back = y - reg.centroid[1] > 40 - (0.3, 0.5, 0.8)[SEVERITY_INDEX[severity]] * 60
-        fluid = fluid | (lung & back & (dist < 2.0 + 0.25 * (level + 0.5 * height - z).clamp(min=0)))
+        layer = (level + 0.5 * height - z).clamp(min=0)
+        fluid = fluid | (lung & back & (layer > 0) & (dist < 1.0 + 0.25 * layer))
     new = torch.where(fluid, torch.tensor(10.0), scene.hu[reg.box])
     scene.edit(reg.box, new)
     return {"level_mm_above_base": round(frac * height, 1), "supine_layering": supine}
