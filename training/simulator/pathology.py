@@ -88,18 +88,38 @@ def regions(anat: Anatomy) -> dict[str, Region]:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _workspace(anat: Anatomy) -> torch.Tensor:
+    return anat.hu.clone()
+
+
 class Scene:
-    """A working copy of the HU volume plus the attenuation changes made to it."""
+    """A working copy of the HU volume plus the attenuation changes made to it.
+
+    The copy is one per process and anatomy; ``restore`` undoes the edits box by box,
+    so a case costs its lesions' boxes, not a 35 MB copy of the CT. Use as a context
+    manager (not thread-safe; the simulator runs one case per process at a time).
+    """
 
     def __init__(self, anat: Anatomy):
         self.anat = anat
-        self.hu = anat.hu.clone()
+        self.hu = _workspace(anat)
         self.edits: list[tuple[Box, torch.Tensor, torch.Tensor]] = []  # (box, old HU, new HU)
 
     def edit(self, box: Box, new_hu: torch.Tensor) -> None:
         old = self.hu[box].clone()
         self.hu[box] = new_hu
         self.edits.append((box, old, new_hu))
+
+    def restore(self) -> None:
+        for box, old, _ in reversed(self.edits):
+            self.hu[box] = old
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def lung_side(side: str) -> tuple[int, ...]:
@@ -206,13 +226,19 @@ def insert_pneumothorax(scene: Scene, side: str, severity: str, rng: random.Rand
     return {"lung_scale": round(c, 3)}
 
 
-def sample_in_lobe(anat: Anatomy, lobe: str, rng: random.Random, margin_mm: float) -> tuple[float, float, float]:
-    """A random point inside ``lobe`` at least ``margin_mm`` from its edge (as far as possible)."""
+@functools.lru_cache(maxsize=16)
+def lobe_depth(anat: Anatomy, lobe: str):
+    """Distance (mm) from each voxel of a lobe to the lobe's edge, in the lobe's box."""
     from scipy import ndimage
 
+    m = (anat.labels[regions(anat)[lobe].box] == LOBE_LABELS[lobe]).numpy()
+    return ndimage.distance_transform_edt(m, sampling=anat.spacing)
+
+
+def sample_in_lobe(anat: Anatomy, lobe: str, rng: random.Random, margin_mm: float) -> tuple[float, float, float]:
+    """A random point inside ``lobe`` at least ``margin_mm`` from its edge (as far as possible)."""
     reg = regions(anat)[lobe]
-    m = (anat.labels[reg.box] == LOBE_LABELS[lobe]).numpy()
-    dist = ndimage.distance_transform_edt(m, sampling=anat.spacing)
+    dist = lobe_depth(anat, lobe)
     ok = (dist >= min(margin_mm, 0.6 * dist.max())).nonzero()
     i = rng.randrange(len(ok[0]))
     idx = [int(a[i]) + s.start for a, s in zip(ok, reg.box)]

@@ -121,22 +121,34 @@ def detector_grid(geom: Geometry, px: int, elastic: torch.Tensor | None) -> tupl
 
 def slab_grids(extent, n_slabs: int, geom: Geometry, pose: Pose, px: int, elastic=None):
     """Per-slab sampling grids (n_slabs, px, px, 2) in grid_sample coords of a (D, W) slab image,
-    and each detector pixel's obliquity factor (px, px)."""
+    and each detector pixel's obliquity factor (px, px).
+
+    The world point of the ray through detector pixel (u, v) at slab depth y_k is
+    source + alpha_k * (pixel - source); after the patient's rotation R (patient = R^T
+    world) its in-slab coordinates are alpha_k * (2D map of u, v) + a per-slab constant,
+    so each slab costs two multiply-adds over the detector.
+    """
     ext_d, ext_h, ext_w = extent
     sy, dy = geom.source_and_detector_y()
     u, v = detector_grid(geom, px, elastic)
     edges = torch.tensor(slab_edges(1000, n_slabs), dtype=torch.float32) / 1000
     y = ((edges[:-1] + edges[1:]) / 2 - 0.5) * ext_h  # slab centre depths
     alpha = ((y - sy) / (dy - sy))[:, None, None]  # source -> detector fraction at each slab
-    # World point of the ray through (u, v) at slab depth y: source + alpha * (pixel - source).
-    wx, wz = alpha * u - pose.shift_x_mm, alpha * v - pose.shift_z_mm
-    wy = y[:, None, None].expand_as(wx)
-    r = pose.rotation()  # patient = R^T world; a rotated thin slab is a shifted slab
-    x = r[0, 0] * wx + r[1, 0] * wy + r[2, 0] * wz
-    z = r[0, 2] * wx + r[1, 2] * wy + r[2, 2] * wz
-    x = x / pose.width_scale
-    z = torch.where(z < geom.apex_z_mm, geom.apex_z_mm + (z - geom.apex_z_mm) / pose.inspiration, z)
-    grid = torch.stack([x / (ext_w / 2), -z / (ext_d / 2)], dim=-1)
+    r = pose.rotation()
+    sx, sz = pose.shift_x_mm, pose.shift_z_mm
+    # x = r00*wx + r10*wy + r20*wz with wx = alpha*u - sx, wy = y_k, wz = alpha*v - sz.
+    px_map = (r[0, 0] * u + r[2, 0] * v) / pose.width_scale
+    pz_map = r[0, 2] * u + r[2, 2] * v
+    cx = ((r[1, 0] * y - r[0, 0] * sx - r[2, 0] * sz) / pose.width_scale)[:, None, None]
+    cz = (r[1, 2] * y - r[0, 2] * sx - r[2, 2] * sz)[:, None, None]
+    grid = torch.empty(n_slabs, px, px, 2)
+    torch.addcmul(cx, alpha, px_map, out=grid[..., 0])
+    z = torch.addcmul(cz, alpha, pz_map)
+    # Inspiration: below the apices the thorax is stretched (patient z -> CT z compresses).
+    apex = geom.apex_z_mm
+    z = torch.where(z < apex, apex + (z - apex) / pose.inspiration, z)
+    grid[..., 0] /= ext_w / 2
+    torch.mul(z, -2.0 / ext_d, out=grid[..., 1])
     obliquity = torch.sqrt(u**2 + v**2 + (dy - sy) ** 2) / abs(dy - sy)
     return grid, obliquity
 

@@ -119,13 +119,15 @@ ORDER = ["cardiomegaly", "edema", "consolidation", "pneumonia", "atelectasis", "
 
 
 def insert_findings(anat: Anatomy, case: Case) -> tuple[pathology.Scene, list[dict]]:
-    scene = pathology.Scene(anat)
+    """Apply the case's findings; the returned scene's edit log holds every change (the
+    working volume itself is restored on return)."""
     rng = random.Random(case.seed)
     truth = []
-    for f in sorted(case.findings, key=lambda f: ORDER.index(f.kind)):
-        f = complete(f, rng)
-        params = INSERTERS[f.kind](scene, f, rng, case)
-        truth.append({**f.to_dict(), "params": params})
+    with pathology.Scene(anat) as scene:
+        for f in sorted(case.findings, key=lambda f: ORDER.index(f.kind)):
+            f = complete(f, rng)
+            params = INSERTERS[f.kind](scene, f, rng, case)
+            truth.append({**f.to_dict(), "params": params})
     return scene, truth
 
 
@@ -155,7 +157,10 @@ def _gauss(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
 def detector(L: torch.Tensor, im: Imaging, mm_per_px: float, gen: torch.Generator) -> torch.Tensor:
     """Line integrals -> noisy, blurred log image (what the detector records, log-transformed)."""
     t = torch.exp(-L)
-    t = t + im.scatter * _gauss(t, 25.0 / mm_per_px)  # scatter: a broad low-frequency veil
+    # Scatter: a broad low-frequency veil, blurred at 1/8 resolution (it has no detail).
+    small = F.avg_pool2d(t[None, None], 8)[0, 0]
+    veil = F.interpolate(_gauss(small, 25.0 / (8 * mm_per_px))[None, None], size=t.shape, mode="bilinear")[0, 0]
+    t = t + im.scatter * veil
     # Quantum noise: Poisson counts, Gaussian approximation; relative noise grows where few photons arrive.
     t = t + torch.sqrt(t / im.photons) * torch.randn(t.shape, generator=gen)
     log = -torch.log(t.clamp(min=1e-5))
