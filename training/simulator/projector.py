@@ -64,7 +64,7 @@ class Pose:
 class Geometry:
     view: str = "PA"  # "PA" or "AP"
     fov_mm: float = 340.0  # square detector field of view
-    center_z_mm: float = -25.0  # detector centre height (CT frame) so apices to costophrenic angles fit
+    center_z_mm: float = -15.0  # detector centre height (CT frame) so apices to costophrenic angles fit
     detector_gap_mm: float = 130.0  # isocentre to detector plane (about half the chest depth)
     apex_z_mm: float = 115.0  # height of the lung apices: inspiration stretches below it
 

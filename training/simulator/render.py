@@ -46,7 +46,7 @@ class Imaging:
     photons: float = 40000.0  # photons per pixel without the patient; fewer = noisier
     scatter: float = 0.15  # scatter-to-primary ratio (low-frequency veil)
     blur_mm: float = 0.8  # detector point-spread sigma
-    unsharp: float = 0.6  # edge enhancement of the display processing
+    unsharp: float = 1.2  # edge enhancement of the display processing
     exposure: float = 0.0  # window shift: positive = darker (over-exposed) film
     contrast: float = 1.0  # look-up-table steepness
     elastic_mm: float = 0.0  # amplitude of the smooth anatomical warp
@@ -76,7 +76,7 @@ def display_window(anat: Anatomy, view: str) -> tuple[float, float]:
     sa, sb = anatomy_stacks(anat)
     L = render_stack(sa + 0.6 * sb, anat.extent, Geometry(view=view), Pose(inspiration=1.3), 128)
     body = L[L > 0.5]
-    return float(body.quantile(0.05)), float(body.quantile(0.999))
+    return float(body.quantile(0.02)), float(body.quantile(0.98))
 
 
 INSERTERS = {
@@ -168,11 +168,16 @@ def detector(L: torch.Tensor, im: Imaging, mm_per_px: float, gen: torch.Generato
 
 
 def display(log: torch.Tensor, im: Imaging, window: tuple[float, float], mm_per_px: float) -> torch.Tensor:
-    """Workstation processing: unsharp mask, then a sigmoid look-up table; values in [0, 1]."""
-    log = log + im.unsharp * (log - _gauss(log, 6.0 / mm_per_px))
+    """Workstation processing: unsharp mask, then a look-up table; values in [0, 1].
+
+    Strong unsharp masking (4 mm) is what makes vessels, nodules and tube edges stand
+    out on processed CXRs; the sigmoid's centre and slope are the exam's exposure and
+    contrast.
+    """
+    log = log + im.unsharp * (log - _gauss(log, 4.0 / mm_per_px))
     lo, hi = window
-    t = (log - lo) / (hi - lo) - 0.5 - im.exposure
-    return torch.sigmoid(3.5 * im.contrast * t)
+    t = (log - lo) / (hi - lo) - 0.55 - im.exposure
+    return torch.sigmoid(5.5 * im.contrast * t)
 
 
 def render_case(anat: Anatomy, case: Case, px: int) -> tuple[torch.Tensor, list[dict]]:

@@ -83,7 +83,7 @@ def sample_pose(rng: random.Random) -> Pose:
 def sample_imaging(rng: random.Random) -> Imaging:
     return Imaging(
         bone=rng.uniform(0.4, 0.9), photons=math.exp(rng.uniform(math.log(1.5e4), math.log(1e5))),
-        scatter=rng.uniform(0.08, 0.25), blur_mm=rng.uniform(0.5, 1.2), unsharp=rng.uniform(0.3, 0.9),
+        scatter=rng.uniform(0.08, 0.25), blur_mm=rng.uniform(0.5, 1.2), unsharp=rng.uniform(0.8, 1.5),
         exposure=rng.uniform(-0.12, 0.12), contrast=rng.uniform(0.85, 1.2),
         elastic_mm=rng.uniform(0.0, 6.0), elastic_seed=rng.getrandbits(31),
     )
