@@ -47,6 +47,13 @@ def voxel_mm(anat: Anatomy, box: Box):
     return -z, y, x
 
 
+def sample_grid(anat: Anatomy, z, y, x) -> torch.Tensor:
+    """grid_sample coordinates (..., 3) of the CT at mm points (z, y, x), broadcast together."""
+    ext_d, ext_h, ext_w = anat.extent
+    z, y, x = torch.broadcast_tensors(z, y, x)
+    return torch.stack([x / (ext_w / 2), y / (ext_h / 2), -z / (ext_d / 2)], -1)
+
+
 def mm_to_index(anat: Anatomy, z: float, y: float, x: float) -> tuple[int, int, int]:
     n, s = anat.shape, anat.spacing
     return (int(-z / s[0] + n[0] / 2), int(y / s[1] + n[1] / 2), int(x / s[2] + n[2] / 2))
@@ -188,9 +195,7 @@ def insert_cardiomegaly(scene: Scene, severity: str | None, rng: random.Random) 
     z, y, x = voxel_mm(anat, box)
     # Inverse-map each voxel into the original heart; transverse growth dominates (ventricles).
     sz = 1 + (scale - 1) * 0.5
-    src = torch.stack(torch.broadcast_tensors(cz + (z - cz) / sz, cy + (y - cy) / scale, cx + (x - cx) / scale), -1)
-    grid = torch.stack([src[..., 2] / (anat.extent[2] / 2), src[..., 1] / (anat.extent[1] / 2),
-                        -src[..., 0] / (anat.extent[0] / 2)], -1)
+    grid = sample_grid(anat, cz + (z - cz) / sz, cy + (y - cy) / scale, cx + (x - cx) / scale)
     heart = (anat.labels == LABELS["heart"]).float()[None, None]
     inside = F.grid_sample(heart, grid[None], mode="bilinear", align_corners=False)[0, 0] > 0.5
     # Keep bone (spine, sternum) in place; the heart pushes lung and fat aside.
@@ -213,9 +218,7 @@ def insert_pneumothorax(scene: Scene, side: str, severity: str, rng: random.Rand
     lung = _in_labels(anat, reg.box, lung_side(side))
     hz, hy, hx = reg.centroid
     hz = hz - 0.1 * (reg.zmax - reg.zmin)  # hilum sits below the lung's mid-height
-    src = torch.stack(torch.broadcast_tensors(hz + (z - hz) / c, hy + (y - hy) / c, hx + (x - hx) / c), -1)
-    grid = torch.stack([src[..., 2] / (anat.extent[2] / 2), src[..., 1] / (anat.extent[1] / 2),
-                        -src[..., 0] / (anat.extent[0] / 2)], -1)[None]
+    grid = sample_grid(anat, hz + (z - hz) / c, hy + (y - hy) / c, hx + (x - hx) / c)[None]
     hu = scene.hu[None, None]
     lung_f = torch.isin(anat.labels, torch.tensor(lung_side(side), dtype=anat.labels.dtype)).float()[None, None]
     inside = F.grid_sample(lung_f, grid, align_corners=False)[0, 0] > 0.5
