@@ -1,0 +1,114 @@
+"""The generator's components and checkpoints, on tiny components (diffusers' testing habit)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.model.checkpoint import CheckpointError, Manifest, load_pipeline, save_checkpoint, validate_folder
+from training.model.components import TinyModelConfig, build_pipeline, to_grey, to_model_channels, train_tokenizer
+
+TEXTS = [
+    "Moderate left pleural effusion with blunting of the costophrenic angle.",
+    "The lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",
+    "Large right pneumothorax. Endotracheal tube 4 cm above the carina.",
+    "Cardiomegaly. Right lower lobe consolidation with air bronchograms, likely pneumonia.",
+] * 5
+
+MICRO = TinyModelConfig(image_size=32, vae_channels=(8, 8, 16, 16), unet_channels=(16, 32), unet_head_dim=4,
+                        text_hidden=16, text_layers=1, text_heads=2, text_intermediate=32, max_length=16,
+                        vocab_size=500)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=MICRO.vocab_size, max_length=MICRO.max_length)
+
+
+def generate(pipe, seed=0):
+    out = pipe(["left pleural effusion"], num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(seed))
+    return out.images
+
+
+def test_tokenizer_learns_report_words(tokenizer, tmp_path):
+    ids = tokenizer("left pleural effusion").input_ids
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    assert "pleural</w>" in toks and "effusion</w>" in toks
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import CLIPTokenizer
+
+    assert CLIPTokenizer.from_pretrained(tmp_path)("left pleural effusion").input_ids == ids
+
+
+def test_tiny_pipeline_generates_grey_images(tokenizer):
+    torch.manual_seed(0)
+    pipe = build_pipeline(MICRO, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    img = generate(pipe)
+    assert img.shape == (1, 32, 32, 1) and np.isfinite(img).all()
+
+
+def test_save_load_same_image_and_manifest(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    pipe = build_pipeline(MICRO, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    save_checkpoint(pipe, tmp_path / "ckpt", Manifest(version="t1", stage="init", config={"model": "micro"}))
+    assert (tmp_path / "ckpt" / "tokenizer" / "vocab.json").is_file()
+    loaded, manifest = load_pipeline(tmp_path / "ckpt")
+    assert manifest.version == "t1" and manifest.config == {"model": "micro"}
+    np.testing.assert_allclose(generate(loaded), generate(pipe), atol=1e-5)
+
+
+def test_real_stable_diffusion_layout_loads(tokenizer, tmp_path):
+    """A stand-in with SD 1.x's layout: RGB VAE, CLIP vocab.json + merges.txt only,
+    safety checker listed in model_index.json, no cxrgen manifest."""
+    torch.manual_seed(0)
+    cfg = TinyModelConfig(**{**MICRO.__dict__, "image_channels": 3})
+    pipe = build_pipeline(cfg, tokenizer)
+    folder = tmp_path / "sd15"
+    pipe.save_pretrained(folder)
+    tok = folder / "tokenizer"
+    pipe.tokenizer.backend_tokenizer.model.save(str(tok))
+    (tok / "tokenizer.json").unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded, manifest = load_pipeline(folder)
+    assert manifest is None and loaded.vae.config.in_channels == 3
+    img = generate(loaded)
+    assert img.shape == (1, 32, 32, 3)
+
+
+def test_missing_and_corrupt_checkpoints_are_named(tokenizer, tmp_path):
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_pipeline(tmp_path / "nowhere")
+    torch.manual_seed(0)
+    folder = tmp_path / "ckpt"
+    save_checkpoint(build_pipeline(MICRO, tokenizer), folder, Manifest(version="t", stage="init"))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert any("unet/ has no weights" in p for p in validate_folder(folder))
+    with pytest.raises(CheckpointError, match="unet/ has no weights"):
+        load_pipeline(folder)
+    save_checkpoint(build_pipeline(MICRO, tokenizer), folder, Manifest(version="t", stage="init"))
+    (folder / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_pipeline(folder)
+    (folder / "cxrgen_manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cxrgen_manifest.json is corrupt"):
+        Manifest.read(folder)
+
+
+def test_channel_mapping():
+    grey = torch.rand(2, 1, 8, 8)
+    assert to_model_channels(grey, 3).shape == (2, 3, 8, 8)
+    assert torch.allclose(to_grey(to_model_channels(grey, 3)), grey)
+    with pytest.raises(ValueError, match="cannot map 2-channel"):
+        to_model_channels(torch.rand(1, 2, 8, 8), 3)
+
+
+def test_model_config_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown model config field"):
+        TinyModelConfig.from_dict({"image_size": 64, "bogus": 1})
