@@ -1,0 +1,91 @@
+"""``cxrgen train`` configuration: one dataclass, every field commented, saved in the run
+folder and in the checkpoint manifest (STYLE.md habit 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+COMPONENTS = ("vae", "unet", "text_encoder")
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    # -- what and from where --
+    data: str = ""  # MIMIC-CXR-JPG layout folder (real or `cxrgen simulate` output)
+    out: str = ""  # run folder: config.json, log.jsonl, samples/, state/, checkpoint/
+    model: str | None = None  # pipeline folder to start from (cxrgen checkpoint or SD / RoentGen)
+    init: str | None = None  # "tiny": build a fresh tiny model instead of --model
+    model_config: dict = dataclasses.field(default_factory=dict)  # TinyModelConfig overrides for --init tiny
+    train: tuple[str, ...] = ("unet", "text_encoder")  # components to train (Chambon et al. compared these)
+    views: tuple[str, ...] = ("PA", "AP")  # views to train on
+    split: str = "train"  # data split to train on
+    # -- optimisation --
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 16  # images per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 1e-4  # AdamW learning rate (after warm-up)
+    warmup_steps: int = 100  # linear warm-up
+    weight_decay: float = 1e-2  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
+    seed: int = 0  # data order, noise and initialisation
+    # -- diffusion specifics --
+    text_dropout: float = 0.1  # prompts replaced by "" so classifier-free guidance works
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None = plain MSE
+    ema: bool = True  # keep an exponential moving average of trained weights (saved instead of raw)
+    ema_decay: float = 0.999  # EMA decay
+    gradient_checkpointing: bool = False  # trade compute for memory (large models)
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the U-Net's attention instead of all weights
+    # -- VAE stage --
+    vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
+    vae_ssim_weight: float = 0.2  # (1 - SSIM) term: structure matters more than pixel MSE on CXRs
+    # -- bookkeeping --
+    checkpoint_every: int = 500  # save resumable state every N steps (0 = only at the end)
+    sample_every: int = 500  # write a sample grid every N steps (0 = only at the end)
+    sample_prompts: tuple[str, ...] = (
+        "No acute cardiopulmonary abnormality.",
+        "Moderate left pleural effusion.",
+        "Large right pneumothorax.",
+        "Cardiomegaly.",
+    )  # prompts of the logged sample grids
+    num_workers: int = 2  # data loader processes
+    version: str = ""  # version name of the resulting checkpoint (default: run folder name)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required")
+        if not self.out:
+            raise ValueError("--out is required")
+        if (self.model is None) == (self.init is None):
+            raise ValueError("give exactly one of --model PATH or --init tiny")
+        if self.init not in (None, "tiny"):
+            raise ValueError(f"unknown --init {self.init!r}; known: ['tiny']")
+        bad = [c for c in self.train if c not in COMPONENTS]
+        if bad or not self.train:
+            raise ValueError(f"--train takes a comma list of {list(COMPONENTS)}, got {list(self.train)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"--text-dropout must be in [0, 1), got {self.text_dropout}")
+        if self.lora_rank and "unet" not in self.train:
+            raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "FinetuneConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from e
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

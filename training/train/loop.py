@@ -1,0 +1,366 @@
+"""Finetuning the generator (RoentGen; Chambon et al. 2022): VAE, U-Net and text encoder.
+
+Chambon et al. finetuned SD's three sub-components separately and compared them;
+RoentGen found U-Net + text encoder together best. ``--train`` takes any combination:
+  * vae: reconstruction loss (MSE + (1 - SSIM) + a small KL term) on the images;
+  * unet / text_encoder: the denoising loss on VAE latents, prompts dropped to "" with
+    probability ``text_dropout`` so classifier-free guidance works at sampling time.
+
+Runs under Hugging Face accelerate (mixed precision, gradient accumulation, multi-GPU /
+multi-node via ``accelerate launch``). Resumable exactly: model, optimiser, LR schedule,
+EMA and RNG states plus the data position are saved together in ``out/state``.
+
+Procedure of ``train``:
+  1. Check inputs, write config.json.   2. Build or load the model.
+  3. Data.   4. Trainable parameters (full, or LoRA), optimiser, EMA.
+  5. Resume if state exists.   6. Training loop (log, sample, checkpoint).
+  7. Save the final checkpoint (EMA weights) with its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model.checkpoint import Manifest, data_fingerprint, load_pipeline, save_checkpoint
+from ..model.components import TinyModelConfig, build_pipeline, to_model_channels, train_tokenizer
+from .config import FinetuneConfig
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: FinetuneConfig, prompts: list[str]):
+    """Fresh tiny pipeline (tokenizer trained on the data's prompts + IU reports) or a loaded one."""
+    if cfg.model:
+        pipe, _ = load_pipeline(cfg.model)
+        return pipe
+    from ..data.reports import load_reports
+
+    mcfg = TinyModelConfig.from_dict(cfg.model_config)
+    texts = prompts + [r.prompt for r in load_reports() if r.prompt]
+    tok = train_tokenizer(texts, mcfg.vocab_size, mcfg.max_length)
+    torch.manual_seed(cfg.seed)
+    return build_pipeline(mcfg, tok)
+
+
+def trainable(pipe, cfg: FinetuneConfig) -> dict[str, torch.nn.Module]:
+    """Set requires_grad per --train (LoRA adapters on the U-Net when lora_rank > 0)."""
+    mods = {"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    for name, m in mods.items():
+        m.requires_grad_(name in cfg.train)
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        pipe.unet.requires_grad_(False)
+        pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if cfg.gradient_checkpointing:
+        for name in cfg.train:
+            if hasattr(mods[name], "enable_gradient_checkpointing"):
+                mods[name].enable_gradient_checkpointing()
+            elif hasattr(mods[name], "gradient_checkpointing_enable"):
+                mods[name].gradient_checkpointing_enable()
+    return {n: mods[n] for n in cfg.train}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_dataset(cfg: FinetuneConfig, size: int):
+    from ..data.mimic import MimicCXRDataset
+
+    return MimicCXRDataset(root=cfg.data, views=cfg.views, split=cfg.split, size=size, normalize="unit")
+
+
+def collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]), "prompt": [it["prompt"] for it in items]}
+
+
+def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
+    """Shuffled with a generator seeded by (seed, epoch): the order is reproducible on resume."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=True,
+                                       num_workers=cfg.num_workers, collate_fn=collate)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def config_of(module):
+    """A module's diffusers/transformers config, through a DistributedDataParallel wrapper."""
+    return getattr(module, "module", module).config
+
+
+def encode_text(parts, prompts: list[str], dropout: float) -> torch.Tensor:
+    prompts = ["" if random.random() < dropout else p for p in prompts]
+    tok = parts.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return parts.text_encoder(ids.to(images_device(parts)))[0]
+
+
+def images_device(parts) -> torch.device:
+    return next(parts.unet.parameters()).device
+
+
+def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig) -> torch.Tensor:
+    """Denoising loss on latents (epsilon or v target), min-SNR weighted (Hang et al. 2023).
+
+    ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer.
+    """
+    vae, vcfg = parts.vae, config_of(parts.vae)
+    x = to_model_channels(images, vcfg.in_channels)
+    with torch.set_grad_enabled("vae" in cfg.train):
+        latents = getattr(vae, "module", vae).encode(x).latent_dist.sample() * vcfg.scaling_factor
+    if "vae" in cfg.train:
+        latents = latents.detach()  # the VAE learns from its own loss, not the U-Net's
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_sched.add_noise(latents, noise, t)
+    hidden = encode_text(parts, prompts, cfg.text_dropout)
+    pred = parts.unet(noisy, t, hidden).sample
+    target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+    if cfg.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_sched, t)
+    w = torch.clamp(snr, max=cfg.snr_gamma) / (snr if noise_sched.config.prediction_type == "epsilon" else snr + 1)
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per * w).mean()
+
+
+def vae_loss(vae, images: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    x = to_model_channels(images, config_of(vae).in_channels)
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample
+    loss = F.mse_loss(rec, x)
+    loss = loss + cfg.vae_ssim_weight * (1 - ssim((rec + 1) / 2, (x + 1) / 2, data_range=1.0))
+    return loss + cfg.vae_kl_weight * post.kl().mean()
+
+
+# --------------------------------------------------------------------------- logging and saving
+
+
+@torch.no_grad()
+def sample_grid(pipe, cfg: FinetuneConfig, fixed: torch.Tensor, path: Path) -> None:
+    """PNG grid: generated images per prompt (when the U-Net or text encoder trains), else
+    VAE reconstructions of a fixed batch above the originals."""
+    from PIL import Image
+
+    from ..model.components import to_grey
+
+    if set(cfg.train) & {"unet", "text_encoder"}:
+        size = pipe.vae.config.sample_size
+        out = pipe(list(cfg.sample_prompts), num_inference_steps=25, guidance_scale=4.0, height=size, width=size,
+                   output_type="pt", generator=torch.Generator().manual_seed(cfg.seed)).images
+        tiles = to_grey(out)
+    else:
+        x = to_model_channels(fixed.to(pipe.vae.device), pipe.vae.config.in_channels)
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        tiles = torch.cat([to_grey(rec), to_grey(x)]).add(1).div(2)
+    tiles = tiles.clamp(0, 1).cpu()
+    n, _, h, w = tiles.shape
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(rows * h, cols * w)
+    for i in range(n):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = tiles[i, 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid * 255).round().byte().numpy(), mode="L").save(path)
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae, images: torch.Tensor) -> float:
+    """SD scales latents to unit variance (0.18215 for SD's VAE); a new VAE gets its own factor."""
+    x = to_model_channels(images.to(vae.device), vae.config.in_channels)
+    std = vae.encode(x).latent_dist.sample().std().item()
+    scale = 1.0 / max(std, 1e-6)
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def save_state(accelerator, ema, out: Path, step: int, seen: int) -> None:
+    state = out / "state"
+    accelerator.save_state(str(state))
+    if ema is not None:
+        torch.save({k: e.state_dict() for k, e in ema.items()}, state / "ema.pt")
+    (state / "progress.json").write_text(json.dumps({"step": step, "micro_batches": seen}))
+
+
+def load_state(accelerator, ema, out: Path) -> tuple[int, int]:
+    state = out / "state"
+    if not (state / "progress.json").is_file():
+        return 0, 0
+    accelerator.load_state(str(state))
+    if ema is not None:
+        saved = torch.load(state / "ema.pt", weights_only=False)
+        for k, e in ema.items():
+            e.load_state_dict(saved[k])
+    p = json.loads((state / "progress.json").read_text())
+    return p["step"], p["micro_batches"]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Parts:
+    """The modules the losses call (accelerate may wrap them) and the tokenizer."""
+
+    def __init__(self, pipe, prepared: dict):
+        self.tokenizer = pipe.tokenizer
+        self.vae = prepared.get("vae", pipe.vae)
+        self.unet = prepared.get("unet", pipe.unet)
+        self.text_encoder = prepared.get("text_encoder", pipe.text_encoder)
+
+
+def make_optimizer(mods: dict, cfg: FinetuneConfig):
+    from diffusers.optimization import get_scheduler
+
+    params = [p for m in mods.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
+    return opt, sched
+
+
+def make_ema(mods: dict, cfg: FinetuneConfig):
+    if not cfg.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return {n: EMAModel([p for p in m.parameters() if p.requires_grad], decay=cfg.ema_decay) for n, m in mods.items()}
+
+
+def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
+    images = batch["image"].to(images_device(parts))
+    logs, loss = {}, 0.0
+    if "vae" in cfg.train:
+        lv = vae_loss(parts.vae, images, cfg)
+        logs["loss_vae"], loss = lv.item(), loss + lv
+    if set(cfg.train) & {"unet", "text_encoder"}:
+        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg)
+        logs["loss_diffusion"], loss = ld.item(), loss + ld
+    return loss, logs
+
+
+def batches(ds, cfg: FinetuneConfig, accelerator, seen: int):
+    """Endless micro-batches, resuming after ``seen`` of them (same order as an unbroken run)."""
+    per_epoch = len(ds) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(ds)} training images is fewer than --batch-size {cfg.batch_size}")
+    epoch, skip = divmod(seen, per_epoch)
+    while True:
+        dl = accelerator.prepare(loader_for_epoch(ds, cfg, epoch))
+        if skip:
+            dl = accelerator.skip_first_batches(dl, skip)
+            skip = 0
+        yield from dl
+        epoch += 1
+
+
+def finish(pipe, mods: dict, ema, cfg: FinetuneConfig, fixed: torch.Tensor, out: Path, metrics: dict) -> Path:
+    """Copy EMA weights in, calibrate a retrained VAE's latent scale, save checkpoint + manifest."""
+    if ema is not None:
+        for n, e in ema.items():
+            e.copy_to([p for p in mods[n].parameters() if p.requires_grad])
+    if cfg.lora_rank:  # bake the adapters into plain weights: the checkpoint needs no peft to load
+        pipe.unet.fuse_lora()
+        pipe.unet.unload_lora()
+    if "vae" in cfg.train:
+        metrics["latent_scaling_factor"] = calibrate_latent_scale(pipe.vae, fixed)
+    parent = None
+    if cfg.model:
+        m = Manifest.read(Path(cfg.model))
+        parent = m.version if m else str(cfg.model)
+    manifest = Manifest(version=cfg.version or out.name, stage="finetune:" + "+".join(cfg.train),
+                        parent_version=parent, data_fingerprint=data_fingerprint(cfg.data),
+                        config={"finetune": json.loads(cfg.to_json()),
+                                "model": dict(config_of(pipe.unet)) if cfg.model else cfg.model_config},
+                        metrics=metrics)
+    pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval()
+    return save_checkpoint(pipe, out / "checkpoint", manifest)
+
+
+def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
+    """Run (or resume) a finetuning run; returns the final checkpoint folder."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    # 1. Check inputs, write the config.
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    torch.manual_seed(cfg.seed), random.seed(cfg.seed)
+    # 2.-3. Data, then the model (a fresh tokenizer learns the data's prompts).
+    probe = make_dataset(cfg, 8)
+    prompts = [probe.prompt(r.subject_id, r.study_id) for r in probe.frame.itertuples()]
+    pipe = build_model(cfg, prompts)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.vae.config.sample_size
+    ds = make_dataset(cfg, size)
+    fixed = collate([ds[i] for i in range(min(4, len(ds)))])["image"]
+    # 4. Trainable parameters, optimiser, EMA; accelerate wraps what trains.
+    mods = trainable(pipe, cfg)
+    opt, lr_sched = make_optimizer(mods, cfg)
+    names = list(mods)
+    prepared = accelerator.prepare(*mods.values(), opt, lr_sched)
+    wrapped, opt, lr_sched = dict(zip(names, prepared[:-2])), prepared[-2], prepared[-1]
+    for m in (pipe.vae, pipe.unet, pipe.text_encoder):
+        m.to(accelerator.device)
+    ema = make_ema(mods, cfg)
+    parts = Parts(pipe, wrapped)
+    # The model's own noise schedule (SD 2.x predicts v, SD 1.x and the tiny model epsilon).
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    # 5. Resume.
+    step, seen = load_state(accelerator, ema, out)
+    # 6. Loop.
+    data = batches(ds, cfg, accelerator, seen)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    log = open(out / "log.jsonl", "a")
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        batch = next(data)
+        seen += 1
+        for m in wrapped.values():
+            m.train()
+        with accelerator.accumulate(*wrapped.values()):
+            loss, logs = step_loss(parts, noise_sched, batch, cfg)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_([p for m in wrapped.values() for p in m.parameters()], cfg.max_grad_norm)
+            opt.step(), lr_sched.step(), opt.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            for n, e in ema.items():
+                e.step([p for p in mods[n].parameters() if p.requires_grad])
+        rec = {"step": step, **logs, "lr": lr_sched.get_last_lr()[0], "s": round(time.perf_counter() - t0, 2)}
+        log.write(json.dumps(rec) + "\n"), log.flush()
+        bar.update(), bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+        if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
+            sample_grid(pipe, cfg, fixed, out / "samples" / f"step_{step:06d}.png")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_state(accelerator, ema, out, step, seen)
+    bar.close(), log.close()
+    # 7. Final checkpoint (EMA weights) and samples from it.
+    save_state(accelerator, ema, out, step, seen)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return out / "checkpoint"
+    folder = finish(pipe, mods, ema, cfg, fixed, out, {"train_seconds": round(time.perf_counter() - t0, 1)})
+    sample_grid(pipe, cfg, fixed, out / "samples" / "final.png")
+    return folder
