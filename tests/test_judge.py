@@ -1,0 +1,162 @@
+"""Judge models (issue 3, section 5): training artifacts, round trip, overfitting, metrics, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.mimic import MimicCXRDataset
+from training.evaluate.judge import (ARCHS, POSE_KEYS, CXRJudge, JudgeConfig, auroc_per_finding, binary_auroc,
+                                     collate, judge_loss, load_judge, make_optimizer, mean_auroc, posture_error,
+                                     pose_stats, predict, train_judge, train_step)
+from training.findings import OBSERVATIONS
+from training.simulator.dataset import SimulateConfig, simulate
+
+SIZE = 64  # judge input side for tests: small enough for 2 CPU cores
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judge_sim")
+    simulate(SimulateConfig(out=str(root), n=24, size=128, seed=1, workers=1), progress=False)
+    return root
+
+
+def dataset(root, split):
+    return MimicCXRDataset(root=root, split=split, size=SIZE, return_ground_truth=True, prompt_sections=())
+
+
+@pytest.fixture(scope="module")
+def trained(sim, tmp_path_factory):
+    out = tmp_path_factory.mktemp("judge")
+    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, epochs=2, batch_size=8, device="cpu", seed=0)
+    judge = train_judge(dataset(sim, "train"), dataset(sim, None), cfg, out)
+    return judge, out, cfg
+
+
+def test_collate_batches_ground_truth_poses(sim):
+    ds = dataset(sim, "train")
+    batch = collate([ds[0], ds[1], ds[2]])
+    assert batch["image"].shape == (3, 1, SIZE, SIZE) and batch["labels"].shape == (3, 14)
+    assert batch["pose"].shape == (3, len(POSE_KEYS)) and len(batch["ground_truth"]) == 3
+    assert batch["pose"][1, 0].item() == pytest.approx(ds[1]["ground_truth"]["pose"]["roll_deg"])
+
+
+def test_training_writes_artifacts_and_round_trips(trained, sim):
+    judge, out, cfg = trained
+    assert (out / "judge.safetensors").is_file() and (out / "judge.json").is_file()
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(math.isfinite(e["train_loss"]) and "val_mean_auroc" in e for e in epochs)
+    meta = json.loads((out / "judge.json").read_text())
+    assert meta["config"]["arch"] == "resnet18" and len(meta["pose_std"]) == 7 and meta["metrics"]["epoch"] == 2
+    assert meta["pose_std"][POSE_KEYS.index("yaw_deg")] != 1.0  # standardisation fitted on the training poses
+
+    loaded = load_judge(out)
+    x = torch.rand(3, 1, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        a, b = judge.eval()(x), loaded(x)
+        assert torch.equal(judge.features(x), loaded.features(x))
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["posture"], b["posture"])
+    assert torch.equal(loaded.pose_mean, judge.pose_mean)
+
+    probs, labels, mask, pose_pred, pose_true = predict(loaded, dataset(sim, None), batch_size=16)
+    assert probs.shape == (24, 14) and labels.shape == (24, 14) and mask.dtype == torch.bool
+    assert pose_pred.shape == pose_true.shape == (24, 7) and torch.isfinite(pose_true).all()
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert loaded.features(x[:1]).shape == (1, 512)
+    # other input sizes are resized to the judge's image_size, so generated 128-px images can be scored
+    assert loaded(torch.zeros(2, 1, 128, 128))["logits"].shape == (2, 14)
+
+
+def test_loss_falls_when_overfitting_one_batch(sim):
+    torch.manual_seed(0)
+    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, lr=1e-3, jitter=0.0, device="cpu")
+    ds = dataset(sim, "train")
+    batch = collate([ds[i] for i in range(8)])
+    judge = CXRJudge("resnet18", SIZE)
+    judge.set_pose_stats(*pose_stats(ds))
+    opt = make_optimizer(judge, cfg)
+    gen = torch.Generator().manual_seed(0)
+    losses = [train_step(judge, batch, opt, cfg, gen)["loss"] for _ in range(20)]
+    judge.eval()
+    with torch.no_grad():
+        final = judge_loss(judge, batch, posture=True)[1]["loss"]
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert final < losses[0], (final, losses[0])  # eval mode (BN running statistics) improves too
+
+
+def test_auroc_on_hand_made_examples():
+    assert binary_auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert binary_auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert math.isnan(binary_auroc([0.1, 0.5], [1, 1]))
+    assert binary_auroc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5  # ties count one half
+    assert binary_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # sklearn's documented example
+
+    probs = torch.tensor([[0.1, 0.9], [0.2, 0.8], [0.8, 0.2], [0.9, 0.1]]).repeat(1, 7)
+    labels = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]).repeat(1, 7)
+    labels[:, 2] = 1.0  # one class only
+    labels[0, 4] = math.nan  # unknown: left out, still both classes
+    mask = ~torch.isnan(labels)
+    mask[0, 6], mask[2, 6], mask[3, 6] = False, False, False  # only one known label left: NaN
+    auc = auroc_per_finding(probs, labels, mask)
+    assert list(auc) == list(OBSERVATIONS)
+    assert auc[OBSERVATIONS[0]] == 1.0 and auc[OBSERVATIONS[1]] == 0.0 and auc[OBSERVATIONS[4]] == 1.0
+    assert math.isnan(auc[OBSERVATIONS[2]]) and math.isnan(auc[OBSERVATIONS[6]])
+    defined = [v for v in auc.values() if not math.isnan(v)]
+    assert mean_auroc(auc) == pytest.approx(np.mean(defined))
+
+
+def test_auroc_agrees_with_torchmetrics():
+    from torchmetrics.functional.classification import binary_auroc as tm_auroc
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 10, (200,), generator=g).float() / 10  # many ties
+    targets = (torch.rand(200, generator=g) < 0.3).long()
+    assert binary_auroc(scores, targets) == pytest.approx(tm_auroc(scores, targets).item(), abs=1e-6)
+
+
+def test_posture_error_math():
+    true = torch.zeros(2, 7)
+    pred = torch.tensor([[1.0, -2.0, 3.0, 4.0, 0.0, 0.1, 0.0],
+                         [3.0, 2.0, -1.0, -2.0, 1.0, 0.0, math.nan]])
+    err = posture_error(pred, true)
+    assert err["roll_deg"] == 2.0 and err["yaw_deg"] == 2.0 and err["pitch_deg"] == 2.0
+    assert err["shift_x_mm"] == 3.0 and err["shift_z_mm"] == 0.5 and err["inspiration"] == pytest.approx(0.05)
+    assert err["width_scale"] == 0.0  # the NaN row is skipped
+    assert err["rotation_deg"] == 2.0
+    assert math.isnan(posture_error(pred, torch.full((2, 7), math.nan))["roll_deg"])
+
+
+def test_unknown_arch_lists_known_ones():
+    with pytest.raises(ValueError, match="densenet121.*resnet18"):
+        JudgeConfig(arch="vgg16")
+    with pytest.raises(ValueError, match="vgg16"):
+        CXRJudge("vgg16")
+    assert ARCHS == ("densenet121", "resnet18")
+
+
+def test_load_judge_errors_name_the_file(tmp_path, trained):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_judge(missing)
+    _, out, _ = trained
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "judge.json").write_text((out / "judge.json").read_text())
+    (broken / "judge.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="judge.safetensors"):
+        load_judge(broken)
+    (broken / "judge.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match="judge.json"):
+        load_judge(broken)
+
+
+def test_densenet_features_shape():
+    judge = CXRJudge("densenet121", 64).eval()
+    with torch.no_grad():
+        out = judge(torch.zeros(1, 1, 64, 64))
+        assert judge.features(torch.zeros(1, 1, 64, 64)).shape == (1, 1024)
+    assert out["logits"].shape == (1, 14) and out["posture"].shape == (1, 7)
