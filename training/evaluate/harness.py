@@ -1,0 +1,344 @@
+"""``cxrgen evaluate``: the seed papers' metrics for a generator, on held-out prompts.
+
+The judge (``judge.py``, a CXR DenseNet-121 trained on simulator ground truth) is the
+classifier of conditioning and the feature extractor for FID / KID, as RoentGen used a
+CXR DenseNet-121 (Inception weights cannot be downloaded here). Metrics:
+
+* conditioning AUROC per finding: judge on generated images vs the prompts' labels
+  (CXRL: 0.81 mean on MIMIC-CXR);
+* effusion detection rate: share of images prompted with a moderate or large effusion
+  that the judge calls positive at the threshold that maximises Youden's J on real
+  validation images (Chambon et al.: 95 %);
+* FID and KID on judge features, generated vs real test images, beside the
+  real-vs-real floor of two disjoint real splits;
+* MS-SSIM diversity: 4 samples per prompt, mean pairwise (RoentGen), beside the same
+  statistic over groups of 4 real images;
+* posture: the judge's posture head on generated images, mean absolute rotation from
+  the canonical pose (CXRL's posture alignment), beside real images';
+* augmentation utility (RoentGen: +5 %): a classifier trained on N real vs N real + M
+  synthetic images, AUROC on the real test split.
+
+Procedure of ``evaluate``: 1. data  2. judge  3. generate  4. conditioning  5. FID / KID
+6. diversity  7. posture  8. augmentation  9. report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..findings import OBSERVATIONS
+from . import judge as J
+
+EFFUSION = OBSERVATIONS.index("Pleural Effusion")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    out: str = ""  # report folder: metrics.json, report.md, samples.png, auroc.png
+    model: str = ""  # generator checkpoint folder
+    data: str = ""  # simulated MIMIC-layout data set: train trains judges, validate / test are held out
+    judge: str | None = None  # trained judge folder (judge.json); default: train one into OUT/judge
+    judge_arch: str = "densenet121"  # judge backbone when one is trained here
+    judge_epochs: int = 8  # judge training epochs
+    judge_size: int = 128  # judge input side
+    n_prompts: int = 200  # held-out test prompts, one image each (conditioning, FID, posture)
+    diversity_prompts: int = 25  # prompts with 4 samples each for MS-SSIM
+    augment_real: int = 200  # N real training images in the augmentation experiment
+    augment_synthetic: int = 200  # M synthetic images added to them
+    augment_epochs: int = 6  # epochs of each augmentation classifier
+    augment_arch: str = "resnet18"  # backbone of the augmentation classifiers
+    steps: int = 25  # sampling steps
+    guidance: float = 4.0  # classifier-free guidance
+    batch_size: int = 16  # generation batch
+    seed: int = 0  # generation and training seed
+    device: str = "cpu"  # "cpu" or "cuda"
+    train_split: str = "train"  # split that trains the judge and the augmentation classifiers
+    val_split: str = "validate"  # held-out split: effusion threshold, FID floor
+    test_split: str = "test"  # held-out split: prompts and real reference images
+
+    def validate(self) -> None:
+        for name in ("out", "model", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.n_prompts < 8:
+            raise ValueError(f"--n-prompts must be >= 8 (AUROC needs both classes), got {self.n_prompts}")
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Images in [-1, 1] (N, 1, H, W) with labels, shaped like MimicCXRDataset samples."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        lab = self.labels[i]
+        return {"image": self.images[i], "labels": lab, "label_mask": ~torch.isnan(lab), "dicom_id": str(i)}
+
+
+class JudgeFeatures(torch.nn.Module):
+    """torchmetrics feature-extractor adapter: images in [0, 1], any channels -> judge features."""
+
+    def __init__(self, judge: J.CXRJudge):
+        super().__init__()
+        self.judge = judge.eval()
+        self.num_features = judge.n_features
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x.mean(1, keepdim=True) if x.shape[1] != 1 else x
+        return self.judge.features(x * 2 - 1)
+
+
+# --------------------------------------------------------------------------- 1.-3. data, judge, images
+
+
+def dataset(cfg: EvalConfig, split: str, size: int, gt: bool = True):
+    """A split at ``size``; simulator ground truth attached when the data set has it (real data has not)."""
+    from ..data.mimic import MimicCXRDataset
+
+    gt = gt and (Path(cfg.data) / "ground_truth.jsonl").is_file()
+    return MimicCXRDataset(root=cfg.data, split=split, size=size, normalize="unit", return_ground_truth=gt)
+
+
+def get_judge(cfg: EvalConfig) -> J.CXRJudge:
+    """Load --judge, or the one trained into OUT/judge before, or train it now (simulator ground truth)."""
+    path = Path(cfg.judge) if cfg.judge else Path(cfg.out) / "judge"
+    if (path / "judge.json").is_file():
+        return J.load_judge(path, device=cfg.device)
+    if cfg.judge:
+        raise FileNotFoundError(f"no judge.json in {path}")
+    jc = J.JudgeConfig(arch=cfg.judge_arch, image_size=cfg.judge_size, epochs=cfg.judge_epochs, seed=cfg.seed,
+                       device=cfg.device)
+    return J.train_judge(dataset(cfg, cfg.train_split, cfg.judge_size), dataset(cfg, cfg.val_split, cfg.judge_size),
+                         jc, path)
+
+
+def take(ds, n: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The first n samples (deterministic): images, labels, ground-truth rows."""
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return (torch.stack([it["image"] for it in items]), torch.stack([it["labels"] for it in items]),
+            [it.get("ground_truth") or {"prompt": it["prompt"]} for it in items])
+
+
+def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int) -> torch.Tensor:
+    from ..generation import generate
+
+    size = pipe.vae.config.sample_size
+    imgs = generate(pipe, prompts, seed, cfg.steps, cfg.guidance, "", cfg.batch_size, size)
+    return torch.from_numpy(imgs)[:, None] * 2 - 1
+
+
+# --------------------------------------------------------------------------- 4.-8. metrics
+
+
+def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 on known labels."""
+    known = ~torch.isnan(targets)
+    s, t = scores[known].numpy(), targets[known].numpy() >= 0.5
+    if t.all() or (~t).all():
+        return 0.5
+    best, thr = -1.0, 0.5
+    for c in np.unique(s):
+        j = (s[t] >= c).mean() + (s[~t] < c).mean() - 1
+        if j > best:
+            best, thr = j, float(c)
+    return thr
+
+
+def effusion_detection_rate(probs: torch.Tensor, rows: list[dict], threshold: float) -> float:
+    """Share of images prompted with a moderate / large effusion that the judge calls positive."""
+    hit = [bool(probs[i, EFFUSION] >= threshold) for i, r in enumerate(rows)
+           if any(f["kind"] == "pleural_effusion" and f.get("severity") in ("moderate", "large")
+                  for f in r.get("findings", []))]
+    return float(np.mean(hit)) if hit else math.nan
+
+
+def fid_kid(feat: JudgeFeatures, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """FID and KID (torchmetrics, custom features) between image sets a and b in [-1, 1]."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=feat, normalize=True)
+    kid = KernelInceptionDistance(feature=feat, normalize=True, subset_size=min(50, len(a), len(b)))
+    for m in (fid, kid):
+        m.update((a + 1) / 2, real=True)
+        m.update((b + 1) / 2, real=False)
+    return float(fid.compute()), float(kid.compute()[0])
+
+
+def mean_pairwise_msssim(groups: list[torch.Tensor]) -> float:
+    """Mean MS-SSIM over all pairs inside each group (images in [-1, 1]).
+
+    Kernel 7 and as many of Wang et al.'s five scales as the image allows (four at
+    128 px; torchmetrics' default five scales with kernel 11 need 161 px), their betas
+    renormalised.
+    """
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
+
+    size = groups[0].shape[-1]
+    scales = max(1, min(5, int(math.log2((size - 1) / 6)) + 1))
+    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales]
+    betas = tuple(b / sum(betas) for b in betas)
+    vals = []
+    for g in groups:
+        for i, j in itertools.combinations(range(len(g)), 2):
+            x, y = (g[i:i + 1] + 1) / 2, (g[j:j + 1] + 1) / 2
+            vals.append(float(msssim(x, y, data_range=1.0, kernel_size=7, betas=betas)))
+    return float(np.mean(vals))
+
+
+def mean_abs_rotation(judge: J.CXRJudge, images: torch.Tensor) -> float:
+    """The judge's predicted |roll|, |yaw|, |pitch| averaged: distance from the canonical pose (deg)."""
+    _, _, _, pose, _ = J.predict(judge, ImageSet(images, torch.full((len(images), 14), math.nan)))
+    rot = [J.POSE_KEYS.index(k) for k in ("roll_deg", "yaw_deg", "pitch_deg")]
+    return float(pose[:, rot].abs().mean())
+
+
+def augmentation_auroc(cfg: EvalConfig, train: ImageSet, test_ds, out: Path) -> float:
+    """Mean test AUROC of a classifier trained from scratch on ``train``."""
+    jc = J.JudgeConfig(arch=cfg.augment_arch, image_size=train.images.shape[-1], epochs=cfg.augment_epochs,
+                       seed=cfg.seed, posture=False, device=cfg.device, batch_size=32)
+    clf = J.train_judge(train, None, jc, out)
+    probs, labels, mask, _, _ = J.predict(clf, test_ds)
+    return J.mean_auroc(J.auroc_per_finding(probs, labels, mask))
+
+
+# --------------------------------------------------------------------------- 9. report
+
+
+def save_grid(images: torch.Tensor, captions: list[str], path: Path, cols: int = 4) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / cols)
+    strip = 14
+    sheet = Image.new("L", (cols * w, rows * (h + strip)), color=255)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=10)
+    for i in range(n):
+        x, y = (i % cols) * w, (i // cols) * (h + strip)
+        tile = ((images[i, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        sheet.paste(Image.fromarray(tile, mode="L"), (x, y + strip))
+        draw.text((x + 2, y + 1), captions[i][: w // 6], fill=0, font=font)
+    sheet.save(path)
+
+
+def auroc_plot(gen: dict, real: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in OBSERVATIONS if not (math.isnan(gen.get(k, math.nan)) and math.isnan(real.get(k, math.nan)))]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(x - 0.2, [real.get(k, math.nan) for k in names], 0.4, label="judge on real test images")
+    ax.bar(x + 0.2, [gen.get(k, math.nan) for k in names], 0.4, label="judge on generated (prompt labels)")
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, 1), ax.axhline(0.5, color="grey", lw=0.5), ax.set_ylabel("AUROC"), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def write_report(m: dict, out: Path) -> None:
+    def f(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    lines = [f"# Evaluation of {m['model_version']}", "", f"Data: `{m['data']}`; {m['n_prompts']} held-out test "
+             f"prompts; {m['steps']} steps, guidance {m['guidance']}.", "", "| metric | generated | real |",
+             "|---|---|---|",
+             f"| conditioning AUROC (mean) | {f(m['conditioning_auroc_mean'])} | {f(m['judge_auroc_real_mean'])} |",
+             f"| effusion detection rate (moderate/large) | {f(m['effusion_detection_rate'])} | "
+             f"{f(m['effusion_detection_rate_real'])} |",
+             f"| FID (judge features) | {f(m['fid'])} | floor {f(m['fid_floor'])} |",
+             f"| KID | {f(m['kid'])} | floor {f(m['kid_floor'])} |",
+             f"| MS-SSIM, 4 samples per prompt | {f(m['ms_ssim_generated'])} | {f(m['ms_ssim_real'])} |",
+             f"| mean abs rotation from canonical (deg) | {f(m['posture_error_deg'])} | "
+             f"{f(m['posture_error_deg_real'])} |",
+             f"| augmentation: AUROC real only / real + synthetic | {f(m['augmentation_auroc_real_only'])} | "
+             f"{f(m['augmentation_auroc_real_plus_synthetic'])} |", "",
+             "Per finding (conditioning AUROC): " + ", ".join(
+                 f"{k} {f(v)}" for k, v in m["conditioning_auroc"].items() if v is not None),
+             "", "![samples](samples.png)", "", "![auroc](auroc.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def conditioning(judge, real_val, gen: ImageSet, gen_rows, test_imgs, test_labels, test_rows) -> dict:
+    """4. Conditioning AUROC and effusion detection (threshold from real validation images)."""
+    probs, labels, mask, _, _ = J.predict(judge, gen)
+    aurocs = J.auroc_per_finding(probs, labels, mask)
+    vp, vl, _, _, _ = J.predict(judge, real_val)
+    thr = youden_threshold(vp[:, EFFUSION], vl[:, EFFUSION])
+    rp, rl, rm, _, _ = J.predict(judge, ImageSet(test_imgs, test_labels))
+    real_aurocs = J.auroc_per_finding(rp, rl, rm)
+    return {"conditioning_auroc": aurocs, "conditioning_auroc_mean": J.mean_auroc(aurocs),
+            "judge_auroc_real": real_aurocs, "judge_auroc_real_mean": J.mean_auroc(real_aurocs),
+            "effusion_threshold": thr, "effusion_detection_rate": effusion_detection_rate(probs, gen_rows, thr),
+            "effusion_detection_rate_real": effusion_detection_rate(rp, test_rows, thr)}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run every metric; write OUT/metrics.json, report.md, samples.png, auroc.png."""
+    from ..model.checkpoint import Manifest, load_pipeline
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    # 1.-2. Data at the generator's resolution, and the judge.
+    pipe, manifest = load_pipeline(cfg.model, device=cfg.device)
+    size = pipe.vae.config.sample_size
+    judge = get_judge(cfg)
+    test_imgs, test_labels, test_rows = take(dataset(cfg, cfg.test_split, size), cfg.n_prompts)
+    val_imgs, val_labels, _ = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
+    # 3. One image per held-out prompt.
+    prompts = [r["prompt"] for r in test_rows]
+    gen_imgs = generate_images(pipe, prompts, cfg, cfg.seed)
+    m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
+         "n_prompts": len(prompts), "steps": cfg.steps, "guidance": cfg.guidance}
+    m.update(conditioning(judge, ImageSet(val_imgs, val_labels), ImageSet(gen_imgs, test_labels), test_rows,
+                          test_imgs, test_labels, test_rows))
+    # 5. FID / KID on judge features, and the real-vs-real floor (test vs validate).
+    feat = JudgeFeatures(judge)
+    m["fid"], m["kid"] = fid_kid(feat, test_imgs, gen_imgs)
+    m["fid_floor"], m["kid_floor"] = fid_kid(feat, test_imgs, val_imgs)
+    # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
+    k = min(cfg.diversity_prompts, len(prompts))
+    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000)
+    m["ms_ssim_generated"] = mean_pairwise_msssim(list(rep.split(4)))
+    m["ms_ssim_real"] = mean_pairwise_msssim(list(test_imgs[: 4 * (len(test_imgs) // 4)][: 4 * k].split(4)))
+    # 7. Posture.
+    m["posture_error_deg"] = mean_abs_rotation(judge, gen_imgs)
+    m["posture_error_deg_real"] = mean_abs_rotation(judge, test_imgs)
+    # 8. Augmentation utility.
+    m.update(augmentation(cfg, pipe, size, test_imgs, test_labels, out))
+    # 9. Report.
+    save_grid(gen_imgs[:16], prompts[:16], out / "samples.png")
+    auroc_plot(m["conditioning_auroc"], m["judge_auroc_real"], out / "auroc.png")
+    m = J._jsonable(m)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    write_report(m, out)
+    return m
+
+
+def augmentation(cfg: EvalConfig, pipe, size: int, test_imgs, test_labels, out: Path) -> dict:
+    """8. Classifier on N real train images vs N real + M synthetic (prompts of other train studies)."""
+    train_ds = dataset(cfg, cfg.train_split, size, gt=False)
+    imgs, labels, rows = take(train_ds, cfg.augment_real + cfg.augment_synthetic)
+    real = ImageSet(imgs[: cfg.augment_real], labels[: cfg.augment_real])
+    syn_prompts = [r["prompt"] for r in rows[cfg.augment_real:]]
+    syn = generate_images(pipe, syn_prompts, cfg, cfg.seed + 20_000)
+    mixed = ImageSet(torch.cat([real.images, syn]), torch.cat([real.labels, labels[cfg.augment_real:]]))
+    test = ImageSet(test_imgs, test_labels)
+    return {"augmentation_auroc_real_only": augmentation_auroc(cfg, real, test, out / "aug_real"),
+            "augmentation_auroc_real_plus_synthetic": augmentation_auroc(cfg, mixed, test, out / "aug_mixed"),
+            "augmentation_n_real": len(real), "augmentation_n_synthetic": len(syn)}
