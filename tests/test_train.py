@@ -57,6 +57,17 @@ def test_unet_stages_from_a_checkpoint(data, vae_run, tmp_path, stage, extra):
     assert (tmp_path / "samples" / "final.png").is_file()
 
 
+def test_cached_latents_and_vae_crops(data, vae_run, tmp_path):
+    folder = train(cfg(data, tmp_path / "u", model=str(vae_run / "checkpoint"), train=("unet", "text_encoder"),
+                       cache_latents=True), progress=False)
+    assert (folder / "model_index.json").is_file()
+    train(cfg(data, tmp_path / "v", init="tiny", model_config=MICRO, train=("vae",), vae_crop=16), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    with pytest.raises(ValueError, match="needs a frozen VAE"):
+        cfg(data, tmp_path, init="tiny", train=("vae",), cache_latents=True).validate()
+
+
 def test_resume_is_exact(data, vae_run, tmp_path):
     """2 steps + resume to 4 == 4 steps straight (weights, optimiser, EMA, RNG and data order)."""
     common = dict(model=str(vae_run / "checkpoint"), train=("unet",), sample_every=0, checkpoint_every=2)

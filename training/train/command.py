@@ -30,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", help="comma list of vae,unet,text_encoder (default unet,text_encoder)")
     for name, typ in (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float),
                       ("warmup_steps", int), ("text_dropout", float), ("lora_rank", int), ("seed", int),
-                      ("checkpoint_every", int), ("sample_every", int), ("num_workers", int)):
+                      ("checkpoint_every", int), ("sample_every", int), ("num_workers", int), ("vae_crop", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], dest="mixed_precision")
     p.add_argument("--no-ema", action="store_true", help="save raw weights instead of their EMA")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--cache-latents", action="store_true", default=None,
+                   help="frozen VAE: encode the data once and train the U-Net on cached latents")
     p.add_argument("--version", help="version name of the resulting checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -38,7 +38,9 @@ class FinetuneConfig:
     ema_decay: float = 0.999  # EMA decay
     gradient_checkpointing: bool = False  # trade compute for memory (large models)
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the U-Net's attention instead of all weights
+    cache_latents: bool = False  # frozen VAE: encode every image once, train on cached latent distributions
     # -- VAE stage --
+    vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
     vae_ssim_weight: float = 0.2  # (1 - SSIM) term: structure matters more than pixel MSE on CXRs
     # -- bookkeeping --
@@ -72,6 +74,10 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"--text-dropout must be in [0, 1), got {self.text_dropout}")
+        if self.cache_latents and "vae" in self.train:
+            raise ValueError("--cache-latents needs a frozen VAE: drop vae from --train")
+        if self.vae_crop and (self.vae_crop % 8 or self.vae_crop < 16):
+            raise ValueError(f"--vae-crop must be a multiple of 8 and >= 16, got {self.vae_crop}")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
 

@@ -80,7 +80,36 @@ def make_dataset(cfg: FinetuneConfig, size: int):
 
 
 def collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([it["image"] for it in items]), "prompt": [it["prompt"] for it in items]}
+    key = "latent_dist" if "latent_dist" in items[0] else "image"
+    return {key: torch.stack([it[key] for it in items]), "prompt": [it["prompt"] for it in items]}
+
+
+class LatentSet(torch.utils.data.Dataset):
+    """Cached VAE posteriors (mean and log-variance) with prompts: a frozen VAE encodes each
+    image once instead of every epoch, and no JPEG is decoded while the U-Net trains."""
+
+    def __init__(self, dists: torch.Tensor, prompts: list[str]):
+        self.dists, self.prompts = dists, prompts
+
+    def __len__(self) -> int:
+        return len(self.dists)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent_dist": self.dists[i], "prompt": self.prompts[i]}
+
+
+@torch.no_grad()
+def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
+    from tqdm import tqdm
+
+    dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=cfg.num_workers,
+                                     collate_fn=collate)
+    dists, prompts = [], []
+    for batch in tqdm(dl, desc="encode latents", unit="batch", disable=not progress):
+        x = to_model_channels(batch["image"].to(vae.device), vae.config.in_channels)
+        dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
+        prompts += batch["prompt"]
+    return LatentSet(torch.cat(dists), prompts)
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
@@ -110,15 +139,22 @@ def images_device(parts) -> torch.device:
     return next(parts.unet.parameters()).device
 
 
-def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig) -> torch.Tensor:
+def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig,
+                   latent_dist: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on latents (epsilon or v target), min-SNR weighted (Hang et al. 2023).
 
-    ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer.
+    ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer;
+    ``latent_dist`` (cached posterior parameters) replaces encoding ``images``.
     """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     vae, vcfg = parts.vae, config_of(parts.vae)
-    x = to_model_channels(images, vcfg.in_channels)
-    with torch.set_grad_enabled("vae" in cfg.train):
-        latents = getattr(vae, "module", vae).encode(x).latent_dist.sample() * vcfg.scaling_factor
+    if latent_dist is not None:
+        latents = DiagonalGaussianDistribution(latent_dist).sample() * vcfg.scaling_factor
+    else:
+        x = to_model_channels(images, vcfg.in_channels)
+        with torch.set_grad_enabled("vae" in cfg.train):
+            latents = getattr(vae, "module", vae).encode(x).latent_dist.sample() * vcfg.scaling_factor
     if "vae" in cfg.train:
         latents = latents.detach()  # the VAE learns from its own loss, not the U-Net's
     noise = torch.randn_like(latents)
@@ -240,14 +276,26 @@ def make_ema(mods: dict, cfg: FinetuneConfig):
     return {n: EMAModel([p for p in m.parameters() if p.requires_grad], decay=cfg.ema_decay) for n, m in mods.items()}
 
 
+def random_crop(images: torch.Tensor, side: int) -> torch.Tensor:
+    """One random square crop for the whole batch (torch RNG: reproducible and resumable)."""
+    h, w = images.shape[-2:]
+    if side >= min(h, w):
+        return images
+    top = int(torch.randint(0, h - side + 1, ()))
+    left = int(torch.randint(0, w - side + 1, ()))
+    return images[..., top:top + side, left:left + side]
+
+
 def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
-    images = batch["image"].to(images_device(parts))
+    dev = images_device(parts)
+    images = batch["image"].to(dev) if "image" in batch else None
+    dist = batch["latent_dist"].to(dev) if "latent_dist" in batch else None
     logs, loss = {}, 0.0
     if "vae" in cfg.train:
-        lv = vae_loss(parts.vae, images, cfg)
+        lv = vae_loss(parts.vae, random_crop(images, cfg.vae_crop) if cfg.vae_crop else images, cfg)
         logs["loss_vae"], loss = lv.item(), loss + lv
     if set(cfg.train) & {"unet", "text_encoder"}:
-        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg)
+        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist)
         logs["loss_diffusion"], loss = ld.item(), loss + ld
     return loss, logs
 
@@ -311,6 +359,9 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     ds = make_dataset(cfg, size)
     fixed = collate([ds[i] for i in range(min(4, len(ds)))])["image"]
     # 4. Trainable parameters, optimiser, EMA; accelerate wraps what trains.
+    if cfg.cache_latents:
+        pipe.vae.to(accelerator.device)
+        ds = cache_latents(pipe.vae, ds, cfg, progress)
     mods = trainable(pipe, cfg)
     opt, lr_sched = make_optimizer(mods, cfg)
     names = list(mods)
