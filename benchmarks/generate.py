@@ -100,6 +100,19 @@ def load_model(model: str, device: str, dtype):
     return pipe, None
 
 
+def model_folder(pipe, model: str) -> str:
+    """A folder holding the model (the fresh tiny-init one is saved to a temporary folder)."""
+    if model != "tiny-init":
+        return model
+    import tempfile
+
+    from training.model.checkpoint import Manifest, save_checkpoint
+
+    folder = Path(tempfile.mkdtemp()) / "tiny-init"
+    save_checkpoint(pipe.to("cpu", torch.float32), folder, Manifest(version="tiny-init", stage="init"))
+    return str(folder)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/default")
@@ -129,7 +142,8 @@ def main() -> None:
     result = {"benchmark": "generate", "device": torch.cuda.get_device_name() if gpu else machine(),
               "model": manifest.version if manifest else args.model, "steps": args.steps, "repeats": args.repeats,
               "torch_threads": torch.get_num_threads(), "rows": rows,
-              "train_steps_per_s": train_steps_per_s(args.model, args.data, args.device, args.repeats)}
+              "train_steps_per_s": train_steps_per_s(model_folder(pipe, args.model), args.data, args.device,
+                                                     args.repeats)}
     out = Path(args.out or Path(__file__).parent / "results" / f"generate-{'gpu' if gpu else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

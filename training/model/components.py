@@ -27,7 +27,7 @@ class TinyModelConfig:
     latent_channels: int = 4  # as in Stable Diffusion
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)  # 4 blocks = 3 downsamples = 8x
     vae_layers_per_block: int = 1
-    unet_channels: tuple[int, ...] = (64, 128, 256)  # 16x16 latents -> 8 -> 4
+    unet_channels: tuple[int, ...] = (32, 64, 128)  # 16x16 latents -> 8 -> 4; 3.2M params, ~0.7 s/step on 2 CPU cores
     unet_layers_per_block: int = 1
     unet_head_dim: int = 8  # attention head dimension
     text_hidden: int = 128  # CLIP text width (= U-Net cross-attention dim)
