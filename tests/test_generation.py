@@ -79,3 +79,13 @@ def test_bad_input_is_a_clear_error(model, tmp_path, args, message):
         args = [*args, "--model", str(model)]
     proc = cli(*args, "--out", str(tmp_path))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grid_has_a_row_per_finding(model, tmp_path):
+    from training.findings import KINDS
+
+    proc = cli("--model", str(model), "--grid", "--n", "2", "--steps", "2", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    img = Image.open(tmp_path / "grid.png")
+    assert img.size == (150 + 2 * 32, (len(KINDS) + 1) * 32)
+    assert len(list(tmp_path.glob("*.png"))) == 2 * (len(KINDS) + 1) + 1

@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Generate N images per prompt with the model at --model (default: models/default). Writes "
             "OUT/<index>_seed<seed>.png (8-bit grey, PNG text chunks: synthetic=true, model version, seed, "
             "prompt hash, full provenance JSON), the same as DICOM Secondary Capture with --dicom "
-            "(ImageType DERIVED\\SECONDARY, series description SYNTHETIC), and OUT/generation.jsonl."
+            "(ImageType DERIVED\\SECONDARY, series description SYNTHETIC), OUT/generation.jsonl, and with "
+            "--grid OUT/grid.png (one row per finding)."
         ),
     )
     p.add_argument("--prompt", action="append", default=[], help="report text (repeatable)")
@@ -106,11 +107,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dicom", action="store_true", help="also write DICOM files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--grid", action="store_true",
+                   help="instead of --prompt/--finding: one row per finding (and a normal row), --n columns; "
+                        "writes OUT/grid.png as well as the images")
     p.set_defaults(func=run)
 
 
+def grid_prompts(seed: int) -> list[tuple[str, str]]:
+    """(row label, prompt): a normal study and one typical variant of every finding kind."""
+    from .findings import KINDS
+    from .simulator.sheet import variant
+
+    rows = [("no finding", findings_prompt([], seed))]
+    for kind in KINDS:
+        f = variant(kind, 0)
+        rows.append((f[0].describe(), findings_prompt(list(f), seed)))
+    return rows
+
+
+def save_grid(images, labels: list[str], n: int, path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = images.shape[1:]
+    head = 150
+    sheet = Image.new("L", (head + n * w, len(labels) * h), color=255)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=11)
+    for r, label in enumerate(labels):
+        draw.text((4, r * h + h // 2 - 6), label[:26], fill=0, font=font)
+        for c in range(n):
+            tile = (images[r * n + c] * 255).round().astype("uint8")
+            sheet.paste(Image.fromarray(tile, mode="L"), (head + c * w, r * h))
+    sheet.save(path)
+
+
 def check_args(args: argparse.Namespace) -> None:
-    if not args.prompt and not args.finding:
+    if args.grid and (args.prompt or args.finding):
+        raise ValueError("--grid makes its own prompts: drop --prompt / --finding")
+    if not args.prompt and not args.finding and not args.grid:
         raise ValueError("give at least one --prompt or --finding")
     for name, lo, hi in (("n", 1, 10_000), ("steps", 1, 1000), ("batch_size", 1, 256)):
         v = getattr(args, name)
@@ -133,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = list(args.prompt)
     if args.finding:
         prompts.append(findings_prompt([parse_finding(f) for f in args.finding], args.seed))
+    rows = grid_prompts(args.seed) if args.grid else []
+    prompts += [p for _, p in rows]
     model = Path(args.model) if args.model else DEFAULT_MODEL
     pipe, manifest = load_pipeline(model, device=args.device)
     set_scheduler(pipe, args.scheduler)
@@ -152,5 +187,7 @@ def run(args: argparse.Namespace) -> int:
             if args.dicom:
                 save_dicom(img, path.with_suffix(".dcm"), prov)
             log.write(json.dumps({"file": path.name, **prov.to_dict()}) + "\n")
+    if rows:
+        save_grid(images, [label for label, _ in rows], args.n, out / "grid.png")
     print(json.dumps({"out": str(out), "images": len(images), "model": version}))
     return 0
