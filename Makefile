@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/cxrgen simulate --out $(OUT) --n 64 --size 256 --seed 0 --grid
+	$(BIN)/cxrgen generate --grid --n 4 --seed 0 --out $(OUT)/generated
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

@@ -225,25 +225,26 @@ def calibrate_latent_scale(vae, images: torch.Tensor) -> float:
     return scale
 
 
-def save_state(accelerator, ema, out: Path, step: int, seen: int) -> None:
+def save_state(accelerator, ema, out: Path, step: int, seen: int, seconds: float = 0.0) -> None:
     state = out / "state"
     accelerator.save_state(str(state))
     if ema is not None:
         torch.save({k: e.state_dict() for k, e in ema.items()}, state / "ema.pt")
-    (state / "progress.json").write_text(json.dumps({"step": step, "micro_batches": seen}))
+    (state / "progress.json").write_text(json.dumps({"step": step, "micro_batches": seen, "seconds": seconds}))
 
 
-def load_state(accelerator, ema, out: Path) -> tuple[int, int]:
+def load_state(accelerator, ema, out: Path) -> tuple[int, int, float]:
+    """(optimiser steps, micro-batches, training seconds) done so far; zeros for a new run."""
     state = out / "state"
     if not (state / "progress.json").is_file():
-        return 0, 0
+        return 0, 0, 0.0
     accelerator.load_state(str(state))
     if ema is not None:
         saved = torch.load(state / "ema.pt", weights_only=False)
         for k, e in ema.items():
             e.load_state_dict(saved[k])
     p = json.loads((state / "progress.json").read_text())
-    return p["step"], p["micro_batches"]
+    return p["step"], p["micro_batches"], p.get("seconds", 0.0)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -376,12 +377,12 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
 
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     # 5. Resume.
-    step, seen = load_state(accelerator, ema, out)
+    step, seen, done_seconds = load_state(accelerator, ema, out)
     # 6. Loop.
     data = batches(ds, cfg, accelerator, seen)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     log = open(out / "log.jsonl", "a")
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - done_seconds  # seconds count across resumes
     while step < cfg.steps:
         batch = next(data)
         seen += 1
@@ -405,10 +406,10 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         if cfg.sample_every and step % cfg.sample_every == 0 and accelerator.is_main_process:
             sample_grid(pipe, cfg, fixed, out / "samples" / f"step_{step:06d}.png")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_state(accelerator, ema, out, step, seen)
+            save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     bar.close(), log.close()
     # 7. Final checkpoint (EMA weights) and samples from it.
-    save_state(accelerator, ema, out, step, seen)
+    save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out / "checkpoint"
