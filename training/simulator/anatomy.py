@@ -80,17 +80,6 @@ class Anatomy:
         ids = [LABELS.get(n, n) if isinstance(n, str) else n for n in names_or_ids]
         return torch.isin(self.labels, torch.tensor(ids, dtype=self.labels.dtype))
 
-    def lungs(self) -> torch.Tensor:
-        return self.mask(*LOBE_LABELS.values())
-
-    def grid_coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Voxel-centre coordinates in mm (z up, y posterior, x patient-left), centred on the volume."""
-        axes = []
-        for n, s in zip(self.hu.shape, self.spacing):
-            axes.append((torch.arange(n, dtype=torch.float32) + 0.5 - n / 2) * s)
-        d, h, w = torch.meshgrid(*axes, indexing="ij")
-        return -d, h, w  # z is superior-positive, D runs superior -> inferior
-
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
     """The patient without the CT table: largest connected component of tissue."""

@@ -141,7 +141,7 @@ def _check_config(root: Path, cfg: SimulateConfig) -> None:
     path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
-def _load_done(root: Path, seed: int) -> dict[int, dict]:
+def _load_done(root: Path) -> dict[int, dict]:
     """Ground-truth rows whose image exists; a torn last line (killed run) is ignored."""
     rows = {}
     path = root / GT_FILE
@@ -193,7 +193,7 @@ def simulate(cfg: SimulateConfig, progress: bool = True) -> dict:
     cfg.validate()
     root = Path(cfg.out)
     _check_config(root, cfg)
-    done = _load_done(root, cfg.seed)
+    done = _load_done(root)
     todo = [i for i in range(cfg.n) if i not in done]
     tasks = [(str(root), i, cfg.seed, cfg.size, cfg.real_fraction, cfg.jpeg_quality) for i in todo]
     workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))

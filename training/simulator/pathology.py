@@ -88,8 +88,8 @@ def _region(anat: Anatomy, mask: torch.Tensor, pad: int = 0) -> Region:
 def regions(anat: Anatomy) -> dict[str, Region]:
     lab = anat.labels
     out = {name: _region(anat, lab == i, pad=2) for name, i in LOBE_LABELS.items()}
-    out["right_lung"] = _region(anat, torch.isin(lab, torch.tensor([12, 13, 14], dtype=lab.dtype)), pad=4)
-    out["left_lung"] = _region(anat, torch.isin(lab, torch.tensor([10, 11], dtype=lab.dtype)), pad=4)
+    out["right_lung"] = _region(anat, anat.mask(*lung_side("right")), pad=4)
+    out["left_lung"] = _region(anat, anat.mask(*lung_side("left")), pad=4)
     out["heart"] = _region(anat, lab == LABELS["heart"], pad=2)
     out["trachea"] = _region(anat, lab == LABELS["trachea"], pad=2)
     return out
