@@ -43,7 +43,7 @@ def test_evaluate_writes_every_metric(setup):
     m = evaluate(cfg)
     for k in KEYS:
         assert k in m
-    for k in ("fid", "fid_floor", "ms_ssim_generated", "ms_ssim_real", "posture_error_deg"):
+    for k in ("fid", "fid_floor", "fid_vae_reconstruction", "ms_ssim_generated", "ms_ssim_real", "posture_error_deg"):
         assert m[k] is not None and math.isfinite(m[k]), k
     assert 0 <= m["ms_ssim_generated"] <= 1 and m["fid"] >= 0
     saved = json.loads((root / "report" / "metrics.json").read_text())
@@ -69,6 +69,16 @@ def test_bad_input_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(tmp_path),
                            "--model", str(tmp_path / "none"), "--data", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no model at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_vae_roundtrip_keeps_shape_and_range(setup):
+    from training.evaluate.harness import vae_roundtrip
+    from training.model.checkpoint import load_pipeline
+
+    pipe, _ = load_pipeline(setup / "model")
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    y = vae_roundtrip(pipe, x, batch_size=2)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
 
 
 def test_youden_threshold_and_msssim():

@@ -50,6 +50,7 @@ def test_training_writes_artifacts_and_round_trips(trained, sim):
     epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(math.isfinite(e["train_loss"]) and "val_mean_auroc" in e for e in epochs)
+    assert 0 < epochs[0]["lr"] < cfg.lr and epochs[1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     meta = json.loads((out / "judge.json").read_text())
     assert meta["config"]["arch"] == "resnet18" and len(meta["pose_std"]) == 7 and meta["metrics"]["epoch"] == 2
     assert meta["pose_std"][POSE_KEYS.index("yaw_deg")] != 1.0  # standardisation fitted on the training poses
@@ -135,6 +136,8 @@ def test_unknown_arch_lists_known_ones():
         JudgeConfig(arch="vgg16")
     with pytest.raises(ValueError, match="vgg16"):
         CXRJudge("vgg16")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        JudgeConfig(lr_schedule="step")
     assert ARCHS == ("densenet121", "resnet18")
 
 

@@ -112,3 +112,22 @@ def test_channel_mapping():
 def test_model_config_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown model config field"):
         TinyModelConfig.from_dict({"image_size": 64, "bogus": 1})
+
+
+def test_data_fingerprint_ignores_gzip_write_time(tmp_path):
+    import gzip
+
+    from training.model.checkpoint import data_fingerprint
+
+    def write(root, mtime, text="a,b\n1,2\n"):
+        root.mkdir(exist_ok=True)
+        for name in ("chexpert", "metadata", "split"):
+            (root / f"mimic-cxr-2.0.0-{name}.csv.gz").write_bytes(gzip.compress(f"{name}\n{text}".encode(),
+                                                                                mtime=mtime))
+        return data_fingerprint(root)
+
+    assert write(tmp_path / "a", 1) == write(tmp_path / "b", 2)
+    assert write(tmp_path / "c", 1, text="a,b\n1,3\n") != write(tmp_path / "a", 1)
+    (tmp_path / "a" / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="split.csv.gz is not a readable gzip"):
+        data_fingerprint(tmp_path / "a")

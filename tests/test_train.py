@@ -106,9 +106,30 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--train", "foo"], "--train takes a comma list"),
     (["--init", "tiny", "--model", "x"], "exactly one of --model PATH or --init tiny"),
     (["--model", "/nonexistent"], "cannot load /nonexistent"),
+    (["--init", "tiny", "--lr-schedule", "linear"], "invalid choice: 'linear'"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),
                            "--num-workers", "0", *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("schedule, last", [("constant", 1e-3), ("cosine", 0.0)])
+def test_lr_schedule_after_warmup(schedule, last):
+    from training.train.loop import make_optimizer
+
+    c = FinetuneConfig(data="d", out="o", init="tiny", steps=10, warmup_steps=2, lr=1e-3, lr_schedule=schedule)
+    opt, sched = make_optimizer({"m": torch.nn.Linear(2, 2)}, c)
+    lrs = []
+    for _ in range(10):
+        opt.step(), sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(last, abs=1e-12)
+    if schedule == "cosine":
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_unknown_lr_schedule_is_rejected():
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        FinetuneConfig(data="d", out="o", init="tiny", lr_schedule="step").validate()

@@ -131,6 +131,23 @@ def take(ds, n: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
             [it.get("ground_truth") or {"prompt": it["prompt"]} for it in items])
 
 
+@torch.no_grad()
+def vae_roundtrip(pipe, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Encode and decode real images (posterior mode) with the generator's VAE, in [-1, 1].
+
+    Their FID against the real images is the best FID the latent model can reach: the
+    autoencoder's share of the generated images' FID.
+    """
+    from ..model.components import to_grey, to_model_channels
+
+    vae = pipe.vae
+    out = []
+    for x in images.split(batch_size):
+        x = to_model_channels(x.to(vae.device, vae.dtype), vae.config.in_channels)
+        out.append(to_grey(vae.decode(vae.encode(x).latent_dist.mode()).sample).float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
 def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int) -> torch.Tensor:
     from ..generation import generate
 
@@ -261,6 +278,7 @@ def write_report(m: dict, out: Path) -> None:
              f"{f(m['effusion_detection_rate_real'])} |",
              f"| FID (judge features) | {f(m['fid'])} | floor {f(m['fid_floor'])} |",
              f"| KID | {f(m['kid'])} | floor {f(m['kid_floor'])} |",
+             f"| FID of VAE reconstructions (autoencoder's share) | {f(m['fid_vae_reconstruction'])} | |",
              f"| MS-SSIM, 4 samples per prompt | {f(m['ms_ssim_generated'])} | {f(m['ms_ssim_real'])} |",
              f"| mean abs rotation from canonical (deg) | {f(m['posture_error_deg'])} | "
              f"{f(m['posture_error_deg_real'])} |",
@@ -311,6 +329,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     feat = JudgeFeatures(judge)
     m["fid"], m["kid"] = fid_kid(feat, test_imgs, gen_imgs)
     m["fid_floor"], m["kid_floor"] = fid_kid(feat, test_imgs, val_imgs)
+    m["fid_vae_reconstruction"], _ = fid_kid(feat, test_imgs, vae_roundtrip(pipe, val_imgs))
     # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
     k = min(cfg.diversity_prompts, len(prompts))
     rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000)

@@ -71,6 +71,7 @@ class JudgeConfig:
     batch_size: int = 32  # images per optimisation step
     lr: float = 1e-3  # AdamW learning rate (training from scratch, so higher than for fine-tuning)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    lr_schedule: str = "cosine"  # "cosine": anneal lr to 0 over all steps; "constant": keep it
     seed: int = 0  # seeds weight init, shuffling and augmentation: same seed, same run (on CPU)
     num_workers: int = 0  # DataLoader processes; 0 decodes in the main process
     posture: bool = True  # also train the posture head (needs ground-truth poses: simulator data)
@@ -93,6 +94,8 @@ class JudgeConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.posture_weight < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, posture_weight >= 0; got "
                              f"{self.lr}, {self.weight_decay}, {self.posture_weight}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
 
@@ -317,14 +320,21 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
                         collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
                         pin_memory=device.type == "cuda")
     aug = torch.Generator().manual_seed(cfg.seed + 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader)) \
+        if cfg.lr_schedule == "cosine" else None
     (out / LOG_FILE).write_text("")  # a fresh log: it describes this model only
     metrics: dict = {}
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        parts = [train_step(judge, batch, optimizer, cfg, aug) for batch in loader]
+        parts = []
+        for batch in loader:
+            parts.append(train_step(judge, batch, optimizer, cfg, aug))
+            if sched is not None:
+                sched.step()
         metrics = {"epoch": epoch, **{f"train_{k}": float(np.mean([p[k] for p in parts])) for k in parts[0]}}
         if val_ds is not None and len(val_ds) > 0:
             metrics.update(evaluate_judge(judge, val_ds, cfg.batch_size, cfg.posture, cfg.num_workers))
+        metrics["lr"] = optimizer.param_groups[0]["lr"]  # at the end of the epoch
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         with (out / LOG_FILE).open("a") as f:
             f.write(json.dumps(_jsonable(metrics)) + "\n")

@@ -64,14 +64,23 @@ class Manifest:
 
 
 def data_fingerprint(root: str | Path) -> str:
-    """sha256 over a MIMIC-layout data set's tables (labels, views, splits): what it was trained on."""
+    """sha256 over a MIMIC-layout data set's tables (labels, views, splits): what it was trained on.
+
+    The tables' decompressed content is hashed, not the .gz bytes, whose header holds a
+    write time: the same data written twice has the same fingerprint.
+    """
+    import gzip
+
     root = Path(root)
     h = hashlib.sha256()
     for name in ("chexpert", "metadata", "split"):
         path = root / f"mimic-cxr-2.0.0-{name}.csv.gz"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not a MIMIC-CXR-JPG layout data set")
-        h.update(path.read_bytes())
+        try:
+            h.update(gzip.decompress(path.read_bytes()))
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable gzip file: {e}") from e
     return h.hexdigest()
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 COMPONENTS = ("vae", "unet", "text_encoder")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -27,6 +28,7 @@ class FinetuneConfig:
     grad_accum: int = 1  # micro-batches per optimiser step
     lr: float = 1e-4  # AdamW learning rate (after warm-up)
     warmup_steps: int = 100  # linear warm-up
+    lr_schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to 0 at --steps
     weight_decay: float = 1e-2  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
@@ -69,6 +71,8 @@ class FinetuneConfig:
             raise ValueError(f"--train takes a comma list of {list(COMPONENTS)}, got {list(self.train)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

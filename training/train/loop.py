@@ -265,7 +265,8 @@ def make_optimizer(mods: dict, cfg: FinetuneConfig):
 
     params = [p for m in mods.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.warmup_steps)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[cfg.lr_schedule]
+    sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     return opt, sched
 
 
