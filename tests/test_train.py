@@ -133,3 +133,20 @@ def test_lr_schedule_after_warmup(schedule, last):
 def test_unknown_lr_schedule_is_rejected():
     with pytest.raises(ValueError, match="--lr-schedule"):
         FinetuneConfig(data="d", out="o", init="tiny", lr_schedule="step").validate()
+
+
+def test_vae_decoder_only_keeps_the_latent_space(data, vae_run, tmp_path):
+    before, _ = load_pipeline(vae_run / "checkpoint")
+    folder = train(cfg(data, tmp_path, model=str(vae_run / "checkpoint"), train=("vae",), vae_decoder_only=True,
+                       vae_crop=16, ema=False), progress=False)
+    after, manifest = load_pipeline(folder)
+    enc = lambda p: torch.cat([t.flatten() for t in p.vae.encoder.state_dict().values()])  # noqa: E731
+    dec = lambda p: torch.cat([t.flatten() for t in p.vae.decoder.state_dict().values()])  # noqa: E731
+    assert torch.equal(enc(before), enc(after)) and not torch.equal(dec(before), dec(after))
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert manifest.stage == "finetune:vae_decoder" and "latent_scaling_factor" not in manifest.metrics
+
+
+def test_vae_decoder_only_needs_the_vae_stage():
+    with pytest.raises(ValueError, match="--vae-decoder-only"):
+        FinetuneConfig(data="d", out="o", init="tiny", train=("unet",), vae_decoder_only=True).validate()

@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cache-latents", action="store_true", default=None,
                    help="frozen VAE: encode the data once and train the U-Net on cached latents")
+    p.add_argument("--vae-decoder-only", action="store_true", default=None, dest="vae_decoder_only",
+                   help="with --train vae: finetune only the decoder (the encoder and latent space stay fixed, "
+                        "so a U-Net trained on them stays valid)")
+    p.add_argument("--vae-ssim-weight", type=float, dest="vae_ssim_weight",
+                   help="weight of the (1 - SSIM) term of the VAE loss (default 0.2)")
     p.add_argument("--version", help="version name of the resulting checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -45,6 +45,7 @@ class FinetuneConfig:
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
     vae_ssim_weight: float = 0.2  # (1 - SSIM) term: structure matters more than pixel MSE on CXRs
+    vae_decoder_only: bool = False  # train only the VAE decoder: the latent space, and a U-Net trained on it, stay valid
     # -- bookkeeping --
     checkpoint_every: int = 500  # save resumable state every N steps (0 = only at the end)
     sample_every: int = 500  # write a sample grid every N steps (0 = only at the end)
@@ -82,6 +83,8 @@ class FinetuneConfig:
             raise ValueError("--cache-latents needs a frozen VAE: drop vae from --train")
         if self.vae_crop and (self.vae_crop % 8 or self.vae_crop < 16):
             raise ValueError(f"--vae-crop must be a multiple of 8 and >= 16, got {self.vae_crop}")
+        if self.vae_decoder_only and "vae" not in self.train:
+            raise ValueError("--vae-decoder-only finetunes the VAE's decoder: include vae in --train")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
 

@@ -55,6 +55,11 @@ def trainable(pipe, cfg: FinetuneConfig) -> dict[str, torch.nn.Module]:
     mods = {"vae": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for name, m in mods.items():
         m.requires_grad_(name in cfg.train)
+    if cfg.vae_decoder_only:  # SD's ft-MSE recipe: a sharper decoder for the same latents
+        pipe.vae.requires_grad_(False)
+        for part in (pipe.vae.decoder, pipe.vae.post_quant_conv):
+            if part is not None:
+                part.requires_grad_(True)
     if cfg.lora_rank:
         from peft import LoraConfig
 
@@ -325,13 +330,14 @@ def finish(pipe, mods: dict, ema, cfg: FinetuneConfig, fixed: torch.Tensor, out:
     if cfg.lora_rank:  # bake the adapters into plain weights: the checkpoint needs no peft to load
         pipe.unet.fuse_lora()
         pipe.unet.unload_lora()
-    if "vae" in cfg.train:
+    if "vae" in cfg.train and not cfg.vae_decoder_only:  # a fixed encoder keeps the U-Net's latent scale
         metrics["latent_scaling_factor"] = calibrate_latent_scale(pipe.vae, fixed)
     parent = None
     if cfg.model:
         m = Manifest.read(Path(cfg.model))
         parent = m.version if m else str(cfg.model)
-    manifest = Manifest(version=cfg.version or out.name, stage="finetune:" + "+".join(cfg.train),
+    stage = "+".join("vae_decoder" if c == "vae" and cfg.vae_decoder_only else c for c in cfg.train)
+    manifest = Manifest(version=cfg.version or out.name, stage="finetune:" + stage,
                         parent_version=parent, data_fingerprint=data_fingerprint(cfg.data),
                         config={"finetune": json.loads(cfg.to_json()),
                                 "model": dict(config_of(pipe.unet)) if cfg.model else cfg.model_config},
