@@ -38,7 +38,7 @@ def test_evaluate_writes_every_metric(setup):
     # Tiny data: every split is the whole set, so each finding has both classes somewhere.
     cfg = EvalConfig(out=str(root / "report"), model=str(root / "model"), data=str(root / "data"),
                      judge_arch="resnet18", judge_size=32, judge_epochs=1, n_prompts=24, diversity_prompts=2,
-                     augment_real=12, augment_synthetic=8, augment_epochs=1, steps=2, batch_size=8,
+                     augment_real=12, augment_synthetic=8, augment_epochs=1, steps=2, batch_size=8, scheduler="euler_a",
                      train_split="train", val_split="train", test_split="train")
     m = evaluate(cfg)
     for k in KEYS:
@@ -47,7 +47,7 @@ def test_evaluate_writes_every_metric(setup):
         assert m[k] is not None and math.isfinite(m[k]), k
     assert 0 <= m["ms_ssim_generated"] <= 1 and m["fid"] >= 0
     saved = json.loads((root / "report" / "metrics.json").read_text())
-    assert saved["fid"] == m["fid"]
+    assert saved["fid"] == m["fid"] and saved["scheduler"] == "euler_a"
     for f in ("report.md", "samples.png", "auroc.png", "judge/judge.json"):
         assert (root / "report" / f).is_file(), f
 
@@ -63,6 +63,13 @@ def test_cli_writes_metrics_into_the_manifest(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = Manifest.read(root / "model")
     assert "conditioning_auroc_mean" in manifest.metrics and "fid_floor" in manifest.metrics
+
+
+def test_unknown_scheduler_is_a_clear_error(setup, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(tmp_path),
+                           "--model", str(setup / "model"), "--data", str(setup / "data"), "--scheduler", "foo"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown --scheduler 'foo'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -56,6 +56,7 @@ class EvalConfig:
     augment_arch: str = "resnet18"  # backbone of the augmentation classifiers
     steps: int = 25  # sampling steps
     guidance: float = 4.0  # classifier-free guidance
+    scheduler: str = "ddim"  # sampler, one of training.generation.SCHEDULERS (as cxrgen generate --scheduler)
     batch_size: int = 16  # generation batch
     seed: int = 0  # generation and training seed
     device: str = "cpu"  # "cpu" or "cuda"
@@ -67,6 +68,10 @@ class EvalConfig:
         for name in ("out", "model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        from ..generation import SCHEDULERS
+
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown --scheduler {self.scheduler!r}; known: {sorted(SCHEDULERS)}")
         if self.n_prompts < 8:
             raise ValueError(f"--n-prompts must be >= 8 (AUROC needs both classes), got {self.n_prompts}")
 
@@ -271,7 +276,8 @@ def write_report(m: dict, out: Path) -> None:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
     lines = [f"# Evaluation of {m['model_version']}", "", f"Data: `{m['data']}`; {m['n_prompts']} held-out test "
-             f"prompts; {m['steps']} steps, guidance {m['guidance']}.", "", "| metric | generated | real |",
+             f"prompts; {m.get('scheduler', 'ddim')} sampler, {m['steps']} steps, guidance {m['guidance']}.", "",
+             "| metric | generated | real |",
              "|---|---|---|",
              f"| conditioning AUROC (mean) | {f(m['conditioning_auroc_mean'])} | {f(m['judge_auroc_real_mean'])} |",
              f"| effusion detection rate (moderate/large) | {f(m['effusion_detection_rate'])} | "
@@ -314,6 +320,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     # 1.-2. Data at the generator's resolution, and the judge.
     pipe, manifest = load_pipeline(cfg.model, device=cfg.device)
+    from ..generation import set_scheduler
+
+    set_scheduler(pipe, cfg.scheduler)
     size = pipe.vae.config.sample_size
     judge = get_judge(cfg)
     test_imgs, test_labels, test_rows = take(dataset(cfg, cfg.test_split, size), cfg.n_prompts)
@@ -322,7 +331,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     prompts = [r["prompt"] for r in test_rows]
     gen_imgs = generate_images(pipe, prompts, cfg, cfg.seed)
     m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
-         "n_prompts": len(prompts), "steps": cfg.steps, "guidance": cfg.guidance}
+         "n_prompts": len(prompts), "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler}
     m.update(conditioning(judge, ImageSet(val_imgs, val_labels), ImageSet(gen_imgs, test_labels), test_rows,
                           test_imgs, test_labels, test_rows))
     # 5. FID / KID on judge features, and the real-vs-real floor (test vs validate).

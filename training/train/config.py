@@ -45,7 +45,7 @@ class FinetuneConfig:
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
     vae_ssim_weight: float = 0.2  # (1 - SSIM) term: structure matters more than pixel MSE on CXRs
-    vae_decoder_only: bool = False  # train only the VAE decoder: the latent space, and a U-Net trained on it, stay valid
+    vae_decoder_only: bool = False  # train the VAE decoder only: the latents, and a U-Net trained on them, stay valid
     # -- bookkeeping --
     checkpoint_every: int = 500  # save resumable state every N steps (0 = only at the end)
     sample_every: int = 500  # write a sample grid every N steps (0 = only at the end)
