@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import FinetuneConfig
+from .config import LR_SCHEDULES, FinetuneConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       ("warmup_steps", int), ("text_dropout", float), ("lora_rank", int), ("seed", int),
                       ("checkpoint_every", int), ("sample_every", int), ("num_workers", int), ("vae_crop", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], dest="lr_schedule",
+    p.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), dest="lr_schedule",
                    help="learning rate after warm-up: constant (default) or cosine decay to 0 at --steps")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], dest="mixed_precision")
     p.add_argument("--no-ema", action="store_true", help="save raw weights instead of their EMA")
