@@ -136,21 +136,12 @@ def take(ds, n: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
             [it.get("ground_truth") or {"prompt": it["prompt"]} for it in items])
 
 
-@torch.no_grad()
 def vae_roundtrip(pipe, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Encode and decode real images (posterior mode) with the generator's VAE, in [-1, 1].
+    """Real images through the generator's VAE. Their FID against the real images is the best FID
+    the latent model can reach: the autoencoder's share of the generated images' FID."""
+    from ..model.components import vae_roundtrip as roundtrip
 
-    Their FID against the real images is the best FID the latent model can reach: the
-    autoencoder's share of the generated images' FID.
-    """
-    from ..model.components import to_grey, to_model_channels
-
-    vae = pipe.vae
-    out = []
-    for x in images.split(batch_size):
-        x = to_model_channels(x.to(vae.device, vae.dtype), vae.config.in_channels)
-        out.append(to_grey(vae.decode(vae.encode(x).latent_dist.mode()).sample).float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+    return roundtrip(pipe.vae, images, batch_size)
 
 
 def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int) -> torch.Tensor:

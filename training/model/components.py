@@ -137,3 +137,13 @@ def to_model_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 def to_grey(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) decoder output to grey (N, 1, H, W): radiographs have one channel."""
     return images if images.shape[1] == 1 else images.mean(1, keepdim=True)
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Grey images in [-1, 1] encoded and decoded (posterior mode) by ``vae``: grey, clamped, on the CPU."""
+    out = []
+    for x in images.split(batch_size):
+        x = to_model_channels(x.to(vae.device, vae.dtype), vae.config.in_channels)
+        out.append(to_grey(vae.decode(vae.encode(x).latent_dist.mode()).sample).float().clamp(-1, 1).cpu())
+    return torch.cat(out)

@@ -198,7 +198,7 @@ def sample_grid(pipe, cfg: FinetuneConfig, fixed: torch.Tensor, path: Path) -> N
     VAE reconstructions of a fixed batch above the originals."""
     from PIL import Image
 
-    from ..model.components import to_grey
+    from ..model.components import to_grey, vae_roundtrip
 
     if set(cfg.train) & {"unet", "text_encoder"}:
         size = pipe.vae.config.sample_size
@@ -206,9 +206,7 @@ def sample_grid(pipe, cfg: FinetuneConfig, fixed: torch.Tensor, path: Path) -> N
                    output_type="pt", generator=torch.Generator().manual_seed(cfg.seed)).images
         tiles = to_grey(out)
     else:
-        x = to_model_channels(fixed.to(pipe.vae.device), pipe.vae.config.in_channels)
-        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-        tiles = torch.cat([to_grey(rec), to_grey(x)]).add(1).div(2)
+        tiles = torch.cat([vae_roundtrip(pipe.vae, fixed), fixed.cpu()]).add(1).div(2)
     tiles = tiles.clamp(0, 1).cpu()
     n, _, h, w = tiles.shape
     cols = min(n, 4)
