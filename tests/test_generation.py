@@ -58,6 +58,37 @@ def test_every_image_carries_provenance(model, tmp_path):
     assert "pleural effusion" in prov.prompt.lower() and "left" in prov.prompt.lower()
     assert read_dicom_provenance(tmp_path / "0000_seed3.dcm") == prov
     assert (tmp_path / "generation.jsonl").read_text().count("\n") == 1
+    assert prov.findings == ({"kind": "pleural_effusion", "side": "left", "severity": "moderate"},)
+
+
+def test_prompts_file_carries_findings(model, tmp_path):
+    import json
+
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "Heart is enlarged.", "findings": [{"kind": "cardiomegaly"}]}) + "\n"
+                     + json.dumps({"prompt": "Small right pneumothorax."}) + "\n")
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("Moderate left pleural effusion.\n\nNo acute disease.\n")
+    for name, f in (("j", jsonl), ("t", txt)):
+        proc = cli("--model", str(model), "--prompts-file", str(f), "--steps", "2", "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "j" / "generation.jsonl").read_text().splitlines()]
+    assert [r["findings"] for r in rows] == [[{"kind": "cardiomegaly"}],
+                                            [{"kind": "pneumothorax", "side": "right", "severity": "small"}]]
+    provs = [read_png_provenance(p) for p in sorted((tmp_path / "t").glob("*.png"))]
+    assert [p.findings for p in provs] == [({"kind": "pleural_effusion", "side": "left", "severity": "moderate"},), ()]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "x", "findings": [{"kind": "tumour"}]}\n', "line 1"),
+    ('not json\n', "line 1"),
+    ('\n', "has no prompts"),
+])
+def test_bad_prompts_file_is_a_clear_error(model, tmp_path, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    proc = cli("--model", str(model), "--prompts-file", str(f), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_structured_findings_parse():
@@ -69,7 +100,7 @@ def test_structured_findings_parse():
 
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "x", "--model", "/nonexistent/model"], "no model at /nonexistent/model"),
-    ([], "give at least one --prompt or --finding"),
+    ([], "give at least one --prompt"),
     (["--prompt", "x", "--steps", "0"], "--steps must be in [1, 1000]"),
     (["--prompt", "x", "--scheduler", "magic"], "unknown --scheduler 'magic'"),
     (["--finding", "tumour"], "unknown finding kind 'tumour'"),

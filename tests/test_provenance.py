@@ -72,6 +72,11 @@ def test_provenance_defaults_and_dict_round_trip():
     (dict(created="yesterday"), "created"),
     (dict(created="2025-02-03T04:05:06"), "UTC"),
     (dict(created="2025-02-03T04:05:06+01:00"), "UTC"),
+    (dict(findings="effusion"), "findings"),
+    (dict(findings=[{"kind": "tumour"}]), "tumour"),
+    (dict(findings=[3]), "findings"),
+    (dict(scores={"plausibility": float("nan")}), "scores"),
+    (dict(scores=[0.5]), "scores"),
 ])
 def test_provenance_rejects_bad_fields(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -86,6 +91,18 @@ def test_from_dict_rejects_missing_unknown_and_wrong_hash():
         Provenance.from_dict({**d, "colour": "red"})
     with pytest.raises(ValueError, match="prompt_sha256"):
         Provenance.from_dict({**d, "prompt_sha256": "0" * 64})
+
+
+def test_findings_and_scores_round_trip():
+    from training.findings import Finding
+
+    p = make_prov(findings=[Finding("pleural_effusion", "left", "moderate")], scores={"plausibility": 0.75})
+    assert p.findings == ({"kind": "pleural_effusion", "side": "left", "severity": "moderate"},)
+    d = p.to_dict()
+    assert d["findings"] == [{"kind": "pleural_effusion", "side": "left", "severity": "moderate"}]
+    assert Provenance.from_json(p.to_json()) == p
+    old = {k: v for k, v in d.items() if k not in ("findings", "scores")}  # files written before issue 7
+    assert Provenance.from_dict(old).findings == () and Provenance.from_dict(old).scores == {}
 
 
 # ---------------------------------------------------------------------------------------------- PNG

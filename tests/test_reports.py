@@ -238,6 +238,28 @@ def test_negation(text, kinds):
     assert mentioned_kinds(text) == kinds
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Moderate left pleural effusion.", [{"kind": "pleural_effusion", "side": "left", "severity": "moderate"}]),
+        ("The right effusion is small. No pneumothorax.",
+         [{"kind": "pleural_effusion", "side": "right", "severity": "small"}]),
+        ("Large bilateral pleural effusions and mild pulmonary edema.",
+         [{"kind": "edema", "severity": "small"},
+          {"kind": "pleural_effusion", "side": "bilateral", "severity": "large"}]),
+        ("Right lower lobe consolidation consistent with pneumonia.",
+         [{"kind": "pneumonia", "side": "right", "lobe": "RLL"}]),
+        ("Calcified nodule in the left upper lobe, likely a granuloma.",
+         [{"kind": "calcified_granuloma", "side": "left", "lobe": "LUL"}]),
+        ("No acute cardiopulmonary abnormality. No effusion or pneumothorax.", []),
+    ],
+)
+def test_findings_from_text(text, expected):
+    from training.data.reports import findings_from_text
+
+    assert [f.to_dict() for f in findings_from_text(text)] == expected
+
+
 def test_text_finding_missing_from_mesh_makes_report_unusable():
     assert not make_report("X", ["normal"], findings="Small left pleural effusion.").usable
     assert make_report("X", ["normal"], findings="No pleural effusion. Heart size normal.").usable

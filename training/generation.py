@@ -95,6 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finding", action="append", default=[],
                    help="structured finding kind[:side][:severity][:lobe], e.g. pleural_effusion:left:moderate "
                         "(repeatable; all findings make one prompt)")
+    p.add_argument("--prompts-file", default=None,
+                   help="a .jsonl file, one {\"prompt\": ..., \"findings\": [finding dicts]} per line, or a .txt "
+                        "file, one prompt per line (findings then read from the text)")
+    p.add_argument("--prompts-from", default=None, metavar="DATA",
+                   help="a simulated data set (cxrgen simulate --out DATA): the prompts and true findings of its "
+                        "--split, the first --limit of them")
+    p.add_argument("--split", default="test", help="split of --prompts-from (train, validate, test)")
+    p.add_argument("--limit", type=int, default=100, help="number of --prompts-from prompts")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
@@ -110,19 +118,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", action="store_true",
                    help="instead of --prompt/--finding: one row per finding (and a normal row), --n columns; "
                         "writes OUT/grid.png as well as the images")
+    p.add_argument("--score", action="store_true",
+                   help="score every image with the default reward models (every one trained under --reward-dir) "
+                        "and add the scores (and their weighted 'combined') to generation.jsonl and to each "
+                        "image's provenance")
+    p.add_argument("--reward-dir", default=None, help="folder of reward folders for --score (default: models/rewards)")
     p.set_defaults(func=run)
 
 
-def grid_prompts(seed: int) -> list[tuple[str, str]]:
-    """(row label, prompt): a normal study and one typical variant of every finding kind."""
+def grid_prompts(seed: int) -> list[tuple[str, str, list]]:
+    """(row label, prompt, findings): a normal study and one typical variant of every finding kind."""
     from .findings import KINDS
     from .simulator.sheet import variant
 
-    rows = [("no finding", findings_prompt([], seed))]
+    rows = [("no finding", findings_prompt([], seed), [])]
     for kind in KINDS:
         f = variant(kind, 0)
-        rows.append((f[0].describe(), findings_prompt(list(f), seed)))
+        rows.append((f[0].describe(), findings_prompt(list(f), seed), list(f)))
     return rows
+
+
+def read_data_prompts(root: str, split: str, limit: int) -> list[tuple[str, list]]:
+    """(prompt, true findings) of the first ``limit`` studies of ``split`` in a simulated data set."""
+    from .findings import Finding
+
+    path = Path(root) / "ground_truth.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-from {root}: no ground_truth.jsonl (not a cxrgen simulate folder); "
+                                f"use --prompts-file for other data")
+    out = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == split:
+                found = [Finding.from_dict({k: v for k, v in d.items() if k != "params"}) for d in row["findings"]]
+                out.append((row["prompt"], found))
+                if len(out) == limit:
+                    break
+    if not out:
+        raise ValueError(f"--prompts-from {root}: no studies in split {split!r}")
+    return out
+
+
+def read_prompts_file(path: str) -> list[tuple[str, list]]:
+    """(prompt, findings) pairs from a .jsonl ({"prompt", "findings"} per line) or .txt (a prompt per line)."""
+    from .data.reports import findings_from_text
+    from .findings import Finding
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts-file {p} does not exist")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            out.append((line.strip(), findings_from_text(line)))
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row["prompt"]
+            findings = [Finding.from_dict(f) for f in row["findings"]] if "findings" in row \
+                else findings_from_text(prompt)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--prompts-file {p} line {n}: expected {{\"prompt\": str, \"findings\": [...]}}: "
+                             f"{type(e).__name__}: {e}") from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"--prompts-file {p} line {n}: empty prompt")
+        out.append((prompt, findings))
+    if not out:
+        raise ValueError(f"--prompts-file {p} has no prompts")
+    return out
 
 
 def save_grid(images, labels: list[str], n: int, path: Path) -> None:
@@ -143,9 +209,11 @@ def save_grid(images, labels: list[str], n: int, path: Path) -> None:
 def check_args(args: argparse.Namespace) -> None:
     if args.grid and (args.prompt or args.finding):
         raise ValueError("--grid makes its own prompts: drop --prompt / --finding")
-    if not args.prompt and not args.finding and not args.grid:
-        raise ValueError("give at least one --prompt or --finding")
-    for name, lo, hi in (("n", 1, 10_000), ("steps", 1, 1000), ("batch_size", 1, 256)):
+    if args.grid and (args.prompts_file or args.prompts_from):
+        raise ValueError("--grid makes its own prompts: drop --prompts-file / --prompts-from")
+    if not (args.prompt or args.finding or args.grid or args.prompts_file or args.prompts_from):
+        raise ValueError("give at least one --prompt, --finding, --prompts-file or --prompts-from")
+    for name, lo, hi in (("n", 1, 10_000), ("steps", 1, 1000), ("batch_size", 1, 256), ("limit", 1, 1_000_000)):
         v = getattr(args, name)
         if not lo <= v <= hi:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {v}")
@@ -163,31 +231,46 @@ def run(args: argparse.Namespace) -> int:
     from .model.checkpoint import load_pipeline
     from .provenance import Provenance, save_dicom, save_png
 
-    prompts = list(args.prompt)
+    from .data.reports import findings_from_text
+
+    # (prompt, findings): structured findings where given, else read from the prompt's text.
+    prompts = [(p, findings_from_text(p)) for p in args.prompt]
     if args.finding:
-        prompts.append(findings_prompt([parse_finding(f) for f in args.finding], args.seed))
+        found = [parse_finding(f) for f in args.finding]
+        prompts.append((findings_prompt(found, args.seed), found))
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if args.prompts_from:
+        prompts += read_data_prompts(args.prompts_from, args.split, args.limit)
     rows = grid_prompts(args.seed) if args.grid else []
-    prompts += [p for _, p in rows]
+    prompts += [(p, f) for _, p, f in rows]
     model = Path(args.model) if args.model else DEFAULT_MODEL
+    if args.score:  # load the rewards first: a missing one fails before minutes of sampling
+        from .reward.base import generation_scorer
+
+        scorer = generation_scorer(args.reward_dir, args.device)
     pipe, manifest = load_pipeline(model, device=args.device)
     set_scheduler(pipe, args.scheduler)
     size = args.size or pipe.vae.config.sample_size
-    all_prompts = [p for p in prompts for _ in range(args.n)]
+    all_prompts = [p for p, _ in prompts for _ in range(args.n)]
+    all_findings = [[f.to_dict() for f in found] for _, found in prompts for _ in range(args.n)]
     images = generate(pipe, all_prompts, args.seed, args.steps, args.guidance, args.negative_prompt,
                       args.batch_size, size)
+    scores = scorer(images, all_prompts, all_findings) if args.score else [{} for _ in all_prompts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     version = manifest.version if manifest else model.name
     with open(out / "generation.jsonl", "a") as log:
-        for i, (prompt, img) in enumerate(zip(all_prompts, images)):
+        for i, (prompt, found, img, score) in enumerate(zip(all_prompts, all_findings, images, scores)):
             prov = Provenance(model_version=version, model_path=str(model), seed=args.seed + i, prompt=prompt,
                               negative_prompt=args.negative_prompt, steps=args.steps,
-                              guidance_scale=args.guidance, scheduler=args.scheduler, height=size, width=size)
+                              guidance_scale=args.guidance, scheduler=args.scheduler, height=size, width=size,
+                              findings=found, scores=score)
             path = save_png(img, out / f"{i:04d}_seed{args.seed + i}.png", prov)
             if args.dicom:
                 save_dicom(img, path.with_suffix(".dcm"), prov)
             log.write(json.dumps({"file": path.name, **prov.to_dict()}) + "\n")
     if rows:
-        save_grid(images, [label for label, _ in rows], args.n, out / "grid.png")
+        save_grid(images, [label for label, _, _ in rows], args.n, out / "grid.png")
     print(json.dumps({"out": str(out), "images": len(images), "model": version}))
     return 0

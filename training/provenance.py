@@ -115,7 +115,7 @@ def _parse_created(value: str) -> _dt.datetime:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Provenance:
-    """Where a generated image came from. Keyword-only (twelve fields; no swapped height / width).
+    """Where a generated image came from. Keyword-only (no swapped height / width).
 
     ``created`` is an ISO-8601 UTC timestamp (default: now, to the second); ``generator`` is
     "cxrgen <installed package version>" (just "cxrgen" when the package metadata is absent).
@@ -134,6 +134,11 @@ class Provenance:
     width: int
     created: str = dataclasses.field(default_factory=_utc_now)
     generator: str = dataclasses.field(default_factory=_package_generator)
+    # The prompt's structured findings (``Finding.to_dict()`` dicts), when known (issue 7): what the
+    # reward models and the expert panel check the image against.
+    findings: tuple = ()
+    # Reward scores (name -> value in [0, 1]) when the image was scored (``cxrgen generate --score``).
+    scores: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.model_path, os.PathLike):
@@ -160,6 +165,29 @@ class Provenance:
             raise ValueError(f"Provenance.guidance_scale must be finite; got {g!r}")
         object.__setattr__(self, "guidance_scale", float(g))
         _parse_created(self.created)
+        self._check_findings_and_scores()
+
+    def _check_findings_and_scores(self) -> None:
+        from .findings import Finding
+
+        if isinstance(self.findings, (str, bytes, Mapping)) or not hasattr(self.findings, "__iter__"):
+            raise ValueError(f"Provenance.findings must be a list of finding dicts; got {self.findings!r}")
+        found = []
+        for f in self.findings:
+            f = f if isinstance(f, Finding) else Finding.from_dict(f) if isinstance(f, Mapping) else None
+            if f is None:
+                raise ValueError(f"Provenance.findings entries must be finding dicts; got {self.findings!r}")
+            found.append(f.to_dict())
+        object.__setattr__(self, "findings", tuple(found))
+        if not isinstance(self.scores, Mapping):
+            raise ValueError(f"Provenance.scores must be a mapping name -> number; got {self.scores!r}")
+        scores = {}
+        for k, v in self.scores.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, np.number)) \
+                    or not math.isfinite(float(v)):
+                raise ValueError(f"Provenance.scores must map names to finite numbers; got {k!r}: {v!r}")
+            scores[k] = float(v)
+        object.__setattr__(self, "scores", scores)
 
     @property
     def prompt_sha256(self) -> str:
@@ -173,7 +201,9 @@ class Provenance:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (``prompt_sha256`` is derived, so not included)."""
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["findings"], d["scores"] = [dict(f) for f in self.findings], dict(self.scores)
+        return d
 
     def to_json(self) -> str:
         """Compact, key-sorted, ASCII-only JSON of ``to_dict()`` (non-ASCII text is \\u-escaped)."""

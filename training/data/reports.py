@@ -417,6 +417,55 @@ def _same_lesion(g: Finding, f: Finding) -> bool:
     return False
 
 
+def _severity_from_text(text: str, kind: str) -> str | None:
+    """The severity word next to the positive mentions of ``kind`` ("small left effusion"), if unambiguous."""
+    def words(window: str) -> set[str]:
+        return {_SEVERITIES[w].value for w in re.findall(r"[a-z]+", window.lower()) if w in _SEVERITIES}
+
+    found = set()
+    for sentence, m in _positive_mentions(text, kind):
+        # Before the noun first ("small left effusion"), else just after ("effusion is small").
+        found |= words(sentence[max(0, m.start() - 40) : m.start()]) or words(sentence[m.end() : m.end() + 12])
+    return found.pop() if len(found) == 1 else None
+
+
+_LOBE_TEXT = re.compile(r"\b(right|left)\s+(upper|middle|lower)\s+lobe|\b(lingula)", re.I)
+
+
+def _lobe_from_text(text: str, kind: str) -> str | None:
+    """A lobe named in the sentences that mention ``kind`` ("right lower lobe consolidation")."""
+    found = set()
+    for sentence, _ in _positive_mentions(text, kind):
+        for side, zone, lingula in _LOBE_TEXT.findall(sentence):
+            if lingula or (side.lower() == "left" and zone.lower() == "middle"):
+                found.add("LUL")
+            else:
+                found.add(f"{side[0].upper()}{zone[0].upper()}L")
+    return found.pop() if len(found) == 1 else None
+
+
+def findings_from_text(text: str) -> list[Finding]:
+    """The findings a free-text prompt asserts, with side / severity / lobe where the text states them.
+
+    For prompts that come without structured findings (an API caller's report text): the
+    reward models and the expert panel check an image against these. Kinds come from
+    ``mentioned_kinds`` (negation-aware); a consolidation mentioned beside a pneumonia is
+    that pneumonia (``_IMPLIES``).
+    """
+    kinds = mentioned_kinds(text)
+    kinds -= {i for k in kinds for i in _IMPLIES.get(k, ())}
+    out = []
+    for kind in sorted(kinds):
+        spec = KINDS[kind]
+        lobe = _lobe_from_text(text, kind) if spec.lobar else None
+        side = side_from_text(text, kind) if (spec.sided or spec.lobar) and lobe is None else None
+        if spec.lobar and side is Laterality.BILATERAL:
+            side = None  # a lobar finding sits in one lung; "bilateral" names no single lobe
+        severity = _severity_from_text(text, kind) if spec.graded else None
+        out.append(Finding(kind, side, severity, lobe))
+    return out
+
+
 # --------------------------------------------------------------------------- composing
 
 # Severity words as radiologists grade each kind: effusions and pneumothoraces by
