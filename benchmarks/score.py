@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,21 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from generate import timed  # noqa: E402  (median of repeats after a warm-up, as the generation benchmark)
 from simulate import machine  # noqa: E402  (same machine description as the other benchmarks)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy imports
-    ts = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def rewards(reward_dir: str | None, device: str, overrides: dict) -> dict:

@@ -27,23 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.feedback import stress  # noqa: E402
+from simulate import machine  # noqa: E402  (same machine description as the simulator benchmark)
 from training.feedback.pgtemp import TempCluster  # noqa: E402
 from training.feedback.store import open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    """CPU model and core count (as benchmarks/simulate.py reports it)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def run_once(url: str, blobs: Path, writers: int, n: int) -> tuple[float, int]:

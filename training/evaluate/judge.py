@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.artifacts import jsonable as _jsonable
 from training.findings import OBSERVATIONS
 
 log = logging.getLogger(__name__)
@@ -459,19 +460,6 @@ def evaluate_judge(judge: CXRJudge, ds, batch_size: int = 64, posture: bool = Tr
 
 
 # ---------------------------------------------------------------------- artifacts
-
-
-def _jsonable(x):
-    """NaN / infinity -> None (strict JSON has no NaN), recursively; numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def save_judge(judge: CXRJudge, cfg: JudgeConfig, out_dir: str | Path, metrics: dict | None = None) -> Path:

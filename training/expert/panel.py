@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from training.artifacts import jsonable as _jsonable, read_safetensors
 from training.evaluate.judge import POSE_KEYS, ROTATION_KEYS
 from training.findings import KINDS, Finding
 
@@ -266,26 +267,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"panel weights not found: {path}")
-    try:
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises assorted types for truncated / garbage files
-        raise ValueError(f"{path}: corrupt or unreadable panel weights: {e}") from None
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+    return read_safetensors(path, "panel")
 
 
 KIND_PHRASES = {k: s.phrase for k, s in KINDS.items()}

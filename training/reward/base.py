@@ -27,7 +27,6 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from training.artifacts import jsonable as _jsonable, read_safetensors
 from training.findings import Finding
 
 from .nets import Trunk, prepare
@@ -169,20 +169,6 @@ def redact_url(url: str | None) -> str | None:
         return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def _jsonable(x):
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x
-
-
 def save_reward(reward: Reward, out: str | Path, *, config: Any, metrics: Mapping, data: Mapping) -> Path:
     """Write ``reward.safetensors`` and ``reward_manifest.json`` (atomically, manifest last); returns the folder."""
     from safetensors.torch import save_file
@@ -243,14 +229,7 @@ def read_manifest(folder: Path) -> dict:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"reward weights not found: {path}")
-    try:
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    except Exception as e:  # truncated / garbage files raise assorted types
-        raise ValueError(f"{path}: corrupt or unreadable reward weights: {e}") from e
+    return read_safetensors(path, "reward")
 
 
 def load_reward(name_or_path: str | Path, device: str | torch.device = "cpu",

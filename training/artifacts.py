@@ -1,0 +1,35 @@
+"""Small helpers shared by every saved model folder (judge, panel, rewards): JSON-safe metadata and
+safetensors weights read with errors that name the file."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+
+def jsonable(x):
+    """Strict-JSON-ready copy: NaN / infinity -> None, numpy / torch scalars -> Python, paths -> str."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / torch scalars
+        x = x.item()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def read_safetensors(path: Path, what: str) -> dict:
+    """A state dict from a .safetensors file; missing -> FileNotFoundError, corrupt -> ValueError (naming it)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found: {path}")
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises assorted types for truncated / garbage files
+        raise ValueError(f"{path}: corrupt or unreadable {what} weights: {e}") from None
