@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/cxrgen simulate --out $(OUT) --n 64 --size 256 --seed 0 --grid
-	$(BIN)/cxrgen generate --grid --n 4 --seed 0 --out $(OUT)/generated
+	$(BIN)/cxrgen generate --grid --n 4 --seed 0 --score --out $(OUT)/generated
+	$(BIN)/cxrgen score $(OUT)/generated
+	# The feedback loop's first half: the simulated panel rates the images into a store.
+	$(BIN)/cxrgen expert rate --generated $(OUT)/generated --store $(OUT)/feedback/store.db --pairs
+	$(BIN)/cxrgen expert report --store $(OUT)/feedback/store.db --out $(OUT)/panel-report.json
+	$(BIN)/cxrgen feedback export --store $(OUT)/feedback/store.db --no-images --out $(OUT)/feedback.ndjson
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

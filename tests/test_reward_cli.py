@@ -212,7 +212,6 @@ def generated(models, tmp_path_factory):
     return {"model": model, "out": out}
 
 
-@pytest.mark.slow
 def test_generate_score_records_every_reward(generated):
     from training.provenance import read_dicom_provenance, read_png_provenance
 
@@ -227,7 +226,6 @@ def test_generate_score_records_every_reward(generated):
         assert read_dicom_provenance(png.with_suffix(".dcm")).scores == pytest.approx(row["scores"])
 
 
-@pytest.mark.slow
 def test_score_cli_on_a_folder_written_by_the_tiny_model(models, generated, tmp_path):
     proc = cli("score", str(generated["out"]), "--model-dir", str(models), "--out", str(tmp_path))
     assert proc.returncode == 0 and "carry no prompt" not in proc.stderr, proc.stderr
@@ -241,7 +239,6 @@ def test_score_cli_on_a_folder_written_by_the_tiny_model(models, generated, tmp_
                 assert float(r[k]) == pytest.approx(logged[r["file"]][k], abs=0.02), (k, r)
 
 
-@pytest.mark.slow
 def test_generate_score_without_rewards_fails_before_generating(generated, tmp_path):
     proc = cli("generate", "--model", str(generated["model"]), "--prompt", "x", "--steps", "1", "--score",
                "--reward-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out"))

@@ -2,8 +2,8 @@
 
 One module-scoped fixture trains all five kinds on a toy world (training.reward.testing): schematic chests
 with a bright basal blob as the "effusion", rotations and shifts as posture, and a fake feedback store whose
-ratings call an image plausible when the blob is on the declared side. Training them takes ~10 s of CPU, so
-the tests that need them are marked slow (``pytest -m slow``); the CLI's error paths run without them.
+ratings call an image plausible when the blob is on the declared side. Training them takes ~10 s of CPU, once
+for the module; CI runs them (issue 7, section 6 asks for exactly these checks).
 """
 
 import json
@@ -51,7 +51,6 @@ def load(world, name):
     return rb.load_reward(world["models"] / name)
 
 
-@pytest.mark.slow
 def test_every_reward_writes_a_complete_manifest(world):
     for name in rb.REWARD_NAMES:
         folder = world["models"] / name
@@ -65,7 +64,6 @@ def test_every_reward_writes_a_complete_manifest(world):
         assert data["store_cursor"] == world["store"].cursor() and data["store_url"] == "sqlite:///fake.db"
 
 
-@pytest.mark.slow
 def test_plausibility_separates_the_declared_side_and_is_calibrated(world):
     r = load(world, "plausibility")
     m = r.manifest["metrics"]
@@ -75,7 +73,6 @@ def test_plausibility_separates_the_declared_side_and_is_calibrated(world):
     assert matched.mean() > wrong.mean() + 0.2, (matched.mean(), wrong.mean())
 
 
-@pytest.mark.slow
 def test_comparative_prefers_the_image_showing_the_prompt(world):
     r = load(world, "comparative")
     assert r.manifest["metrics"]["test_pair_accuracy"] >= 0.7
@@ -84,7 +81,6 @@ def test_comparative_prefers_the_image_showing_the_prompt(world):
     assert r.score(good, None, [[LEFT]] * 24).mean() > r.score(bad, None, [[LEFT]] * 24).mean() + 0.1
 
 
-@pytest.mark.slow
 def test_posture_scores_a_rotated_or_shifted_patient_lower(world):
     r = load(world, "posture")
     assert r.manifest["metrics"]["test_r"]["roll_deg"] > 0.6
@@ -93,7 +89,6 @@ def test_posture_scores_a_rotated_or_shifted_patient_lower(world):
     assert upright > r.score(fresh([], shift=(15.0, 15.0))).mean() + 0.2
 
 
-@pytest.mark.slow
 def test_diagnosis_rewards_the_prompted_finding(world):
     r = load(world, "diagnosis")
     eff, normal = fresh([LEFT]), fresh([], seed=101)
@@ -101,7 +96,6 @@ def test_diagnosis_rewards_the_prompted_finding(world):
     assert r.score(normal, None, [[]] * 24).mean() > r.score(eff, None, [[]] * 24).mean()
 
 
-@pytest.mark.slow
 def test_consistency_matches_images_to_their_own_reports(world):
     r = load(world, "consistency")
     m = r.manifest["metrics"]
@@ -110,7 +104,6 @@ def test_consistency_matches_images_to_their_own_reports(world):
     assert "duplicates" in m
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", rb.REWARD_NAMES)
 def test_hack_images_score_low(world, name):
     r = load(world, name)

@@ -34,7 +34,6 @@ def test_snapshot_reads_everything_up_to_one_cursor(store_url):
     assert [r.generation_id for r in snap.ratings] == [r.generation_id for r in store.ratings()]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plausibility", "comparative"])
 def test_training_from_a_store_url_records_its_cursor(store_url, tmp_path, kind):
     before = fs.open_store(store_url, upgrade=False).cursor()
