@@ -53,6 +53,21 @@ def test_temperature_scaling_lowers_the_nll_of_an_overconfident_model():
     assert fit_temperature(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])) == 1.0  # one class: nothing to fit
 
 
+def test_platt_scaling_recovers_temperature_and_base_rate_shift():
+    from training.reward.metrics import fit_platt
+
+    g = torch.Generator().manual_seed(1)
+    true_logit = torch.randn(4000, generator=g) * 1.5 - 1.0
+    y = (torch.rand(4000, generator=g) < torch.sigmoid(true_logit)).float()
+    shifted = 2.0 * (true_logit + 1.5)  # overconfident and too optimistic, as weak positives make it
+    t, b = fit_platt(shifted, y)
+    assert t == pytest.approx(2.0, rel=0.15) and b == pytest.approx(-1.5, abs=0.25)
+    p_temp_only = torch.sigmoid(shifted / fit_temperature(shifted, y))
+    p_platt = torch.sigmoid(shifted / t + b)
+    assert expected_calibration_error(p_platt, y) < 0.5 * expected_calibration_error(p_temp_only, y)
+    assert fit_platt(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])) == (1.0, 0.0)
+
+
 def test_expected_calibration_error_by_hand():
     # bin [0.2, 0.267): two samples at 0.25, one positive -> |0.25 - 0.5| x 2/4; bin of 0.9: |0.9 - 1| x 2/4
     assert expected_calibration_error([0.25, 0.25, 0.9, 0.9], [1, 0, 1, 1]) == pytest.approx(0.5 * 0.25 + 0.5 * 0.1)

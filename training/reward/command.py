@@ -104,7 +104,11 @@ def run_list(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             print(f"{name:<13} (not trained: {folder})")
             continue
-        m = read_manifest(folder)
+        try:
+            m = read_manifest(folder)
+        except (FileNotFoundError, ValueError) as e:  # one broken / half-trained folder must not hide the rest
+            print(f"{name:<13} (unusable: {e})")
+            continue
         flat = {k: v for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float)) and k.startswith("test")}
         print(f"{name:<13} {m.get('version')}  cursor {m.get('data', {}).get('store_cursor')}  {json.dumps(flat)}")
     return 0

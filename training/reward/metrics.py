@@ -55,6 +55,31 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, lo: float = 0.0
     return float(math.exp((a + b) / 2))
 
 
+def fit_platt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Platt scaling (Platt 1999): the (T, b) minimising the NLL of sigmoid(logit / T + b) on held-out data.
+
+    Temperature scaling plus a bias: the bias corrects a shifted base rate (e.g. weak positives that
+    make the training set look more plausible than the rated generations are), which a temperature
+    alone cannot. The ranking (AUROC) is unchanged since T > 0. Returns (1, 0) for empty or
+    one-class data.
+    """
+    x, y = logits.detach().double().flatten(), targets.detach().double().flatten()
+    if x.numel() == 0 or (y.min() == y.max() and y.min() in (0.0, 1.0)):
+        return 1.0, 0.0
+    log_t = torch.tensor(math.log(fit_temperature(x, y)), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x / log_t.exp() + b, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0)), float(b.detach())
+
+
 def expected_calibration_error(probs, targets, bins: int = 15) -> float:
     """ECE with ``bins`` equal-width confidence bins over P(positive) (Naeini et al. 2015; Guo et al. 2017).
 

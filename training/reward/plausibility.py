@@ -14,7 +14,8 @@ second input, real images as weak positives. Here:
    in training, so the metrics measure generalisation to new prompts.
 3. Network: the reward trunk + ``ConditionalHead`` (image features x an embedding
    of the declared findings: Sun et al.'s class-conditional reward).
-4. Temperature scaling on the validation prompts (one T minimising the NLL).
+4. Platt scaling on the validation prompts: a temperature and a bias minimising the NLL (the
+   bias undoes the base-rate shift the weak positives bring; a temperature alone cannot).
 5. Held-out metrics on the test prompts: AUROC against the panel majority and
    ECE (15 bins), on the final score (validity gate included), ties left out.
 """
@@ -33,7 +34,7 @@ from training.evaluate.judge import binary_auroc
 from .base import Reward, RewardNet, save_reward
 from .config import RewardConfig
 from .data import StoreSnapshot, load_sim, open_store, prompt_split, read_snapshot, record_findings, store_images
-from .metrics import binary_nll, expected_calibration_error, fit_temperature
+from .metrics import binary_nll, expected_calibration_error, fit_platt
 from .nets import ConditionalHead, encode_findings
 from .train import features, fit, guard_report, matched_vs_shuffled, score_u8, setup, trunk_with_validity
 
@@ -43,6 +44,7 @@ class PlausibilityNet(RewardNet):
         super().__init__(**kw)
         self.head = ConditionalHead(self.trunk.features)
         self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))  # Platt scaling: sigmoid(logit / T + b)
 
     def logit(self, h: torch.Tensor, findings) -> torch.Tensor:
         """Uncalibrated logit of P(plausible)."""
@@ -54,7 +56,7 @@ class PlausibilityReward(Reward):
     Net = PlausibilityNet
 
     def base(self, h, prompts, findings):
-        return torch.sigmoid(self.net.logit(h, findings) / self.net.temperature)
+        return torch.sigmoid(self.net.logit(h, findings) / self.net.temperature + self.net.bias)
 
 
 @dataclasses.dataclass
@@ -133,10 +135,10 @@ def held_out(net: PlausibilityNet, s: Samples, prefix: str) -> dict:
         return {f"{prefix}n": int(keep.sum())}
     logit, validity = logits_of(net, s)
     logit, validity, y = logit[keep], validity[keep], s.majority[keep]
-    t = float(net.temperature)
-    p = validity * torch.sigmoid(logit / t)
+    t, b = float(net.temperature), float(net.bias)
+    p = validity * torch.sigmoid(logit / t + b)
     return {f"{prefix}auroc": binary_auroc(p, y), f"{prefix}ece": expected_calibration_error(p, y, 15),
-            f"{prefix}nll_uncalibrated": binary_nll(logit, y), f"{prefix}nll": binary_nll(logit, y, t),
+            f"{prefix}nll_uncalibrated": binary_nll(logit, y), f"{prefix}nll": binary_nll(logit + b * t, y, t),
             f"{prefix}n": int(keep.sum()), f"{prefix}positive_rate": float(y.mean()),
             f"{prefix}mean_score": float(p.mean())}
 
@@ -170,16 +172,18 @@ def train(cfg: RewardConfig, store=None) -> Path:
 
 
 def calibrate(net: PlausibilityNet, va: Samples) -> None:
-    """Temperature scaling on the validation prompts (T = 1 when there are none)."""
+    """Platt scaling (temperature + bias) on the validation prompts (T = 1, b = 0 when there are none)."""
     if len(va) == 0:
         return
     logit, _ = logits_of(net, va)
-    net.temperature.fill_(fit_temperature(logit, va.target))
+    t, b = fit_platt(logit, va.target)
+    net.temperature.fill_(t)
+    net.bias.fill_(b)
 
 
 def save(net, cfg, snap, tr, va, te, gen) -> Path:
     reward = PlausibilityReward(net)
-    metrics = {**held_out(net, va, "val_"), **held_out(net, te, "test_"), "temperature": float(net.temperature),
+    metrics = {**held_out(net, va, "val_"), **held_out(net, te, "test_"), "temperature": float(net.temperature), "bias": float(net.bias),
                "guard": guard_report(reward, te.images, te.prompts, te.findings),
                "conditioning": matched_vs_shuffled(reward, te.images, te.prompts, te.findings, cfg.seed)}
     real = tr.weak
