@@ -35,6 +35,8 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/store.py
+	$(BIN)/python benchmarks/score.py
 
 clean:
 	rm -rf $(VENV) out

@@ -227,6 +227,9 @@ def test_generate_score_records_every_reward(generated):
 
 
 def test_score_cli_on_a_folder_written_by_the_tiny_model(models, generated, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (300, 120)).save(generated["out"] / "grid.png")  # generate --grid's contact sheet: skipped
     proc = cli("score", str(generated["out"]), "--model-dir", str(models), "--out", str(tmp_path))
     assert proc.returncode == 0 and "carry no prompt" not in proc.stderr, proc.stderr
     rows = list(csv.DictReader((tmp_path / "scores.csv").open()))

@@ -33,6 +33,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 CSV_NAME = "scores.csv"
 
 
+# cxrgen's own contact sheets (generate --grid, simulate --grid) sit beside the images: not films to score.
+CONTACT_SHEETS = frozenset({"grid.png", "contact_sheet.png"})
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """The images directly in ``folder``; a clear error for a missing folder or one without images."""
     folder = Path(folder)
@@ -40,7 +44,8 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"no such folder: {folder}")
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder: give the folder that holds the images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in CONTACT_SHEETS)
     if not files:
         raise ValueError(f"no images (PNG, JPEG or DICOM) in {folder}")
     return files
