@@ -3,6 +3,7 @@ safetensors weights read with errors that name the file."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Mapping
@@ -33,3 +34,21 @@ def read_safetensors(path: Path, what: str) -> dict:
         return load_file(str(path))
     except Exception as e:  # safetensors raises assorted types for truncated / garbage files
         raise ValueError(f"{path}: corrupt or unreadable {what} weights: {e}") from None
+
+
+def read_meta(path: Path, what: str, required: tuple[str, ...], format_version: int, hint: str = "") -> dict:
+    """A model folder's JSON metadata, checked: missing -> FileNotFoundError; unreadable, not an object with
+    the ``required`` keys, or another format version -> ValueError. Every message names ``path`` and ``what``
+    (e.g. "reward manifest"); ``hint`` says how to make a missing one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt {what}: {e}") from None
+    missing = [k for k in ("format", *required) if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{path}: not a {what}, missing key(s) {missing}")
+    if meta["format"] != format_version:
+        raise ValueError(f"{path}: {what} format {meta['format']!r}, this code reads {format_version}")
+    return meta

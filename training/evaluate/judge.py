@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.artifacts import jsonable as _jsonable
+from training.artifacts import jsonable as _jsonable, read_meta
 from training.findings import OBSERVATIONS
 
 log = logging.getLogger(__name__)
@@ -491,18 +491,8 @@ def save_judge(judge: CXRJudge, cfg: JudgeConfig, out_dir: str | Path, metrics: 
 
 def _read_meta(path: Path) -> dict:
     """judge.json, checked against this code's vocabulary: a judge for other labels must not load silently."""
-    if not path.is_file():
-        raise FileNotFoundError(f"judge metadata not found: {path}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt judge metadata: {e}") from e
-    missing = [k for k in ("format", "weights", "arch", "image_size", "observations", "pose_keys")
-               if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise ValueError(f"{path}: not a judge.json, missing key(s) {missing}")
-    if meta["format"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: judge format {meta['format']!r}, this code reads {FORMAT_VERSION}")
+    meta = read_meta(path, "judge.json", ("weights", "arch", "image_size", "observations", "pose_keys"),
+                     FORMAT_VERSION)
     if list(meta["observations"]) != list(OBSERVATIONS) or list(meta["pose_keys"]) != list(POSE_KEYS):
         raise ValueError(f"{path}: the judge's observations / pose keys differ from training.findings / POSE_KEYS")
     if meta["arch"] not in ARCHS:

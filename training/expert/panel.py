@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from training.artifacts import jsonable as _jsonable, read_safetensors
+from training.artifacts import jsonable as _jsonable, read_meta, read_safetensors
 from training.evaluate.judge import POSE_KEYS, ROTATION_KEYS
 from training.findings import KINDS, Finding
 
@@ -249,18 +249,8 @@ class Panel:
 
 
 def _read_meta(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"panel metadata not found: {path} (train a panel: cxrgen expert train)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt panel metadata: {e}") from None
-    missing = [k for k in ("format", "weights", "reader", "critic", "calibration", "kinds")
-               if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise ValueError(f"{path}: not a panel.json, missing key(s) {missing}")
-    if meta["format"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: panel format {meta['format']!r}, this code reads {FORMAT_VERSION}")
+    meta = read_meta(path, "panel.json", ("weights", "reader", "critic", "calibration", "kinds"), FORMAT_VERSION,
+                     " (train a panel: cxrgen expert train)")
     if list(meta["kinds"]) != list(KIND_NAMES) or list(meta.get("criteria", CRITERIA)) != list(CRITERIA):
         raise ValueError(f"{path}: the panel's kinds / criteria differ from training.findings.KINDS / CRITERIA")
     return meta

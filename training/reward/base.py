@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from training.artifacts import jsonable as _jsonable, read_safetensors
+from training.artifacts import jsonable as _jsonable, read_meta, read_safetensors
 from training.findings import Finding
 
 from .nets import Trunk, prepare
@@ -212,17 +212,7 @@ def resolve(name_or_path: str | Path, model_dir: str | Path | None = None) -> Pa
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"reward manifest not found: {path}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt reward manifest: {e}") from e
-    missing = [k for k in ("format", "kind", "net", "weights") if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: not a reward manifest, missing key(s) {missing}")
-    if manifest["format"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: reward format {manifest['format']!r}, this code reads {FORMAT_VERSION}")
+    manifest = read_meta(path, "reward manifest", ("kind", "net", "weights"), FORMAT_VERSION)
     if manifest["kind"] not in REWARD_NAMES:
         raise ValueError(f"{path}: unknown reward kind {manifest['kind']!r}; known: {list(REWARD_NAMES)}")
     return manifest
