@@ -119,3 +119,28 @@ def test_train_refuses_the_other_eyes_data(tmp_path):
     (tmp_path / "simulate_config.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(ValueError, match="evaluation judge"):
         check_data_seed(tmp_path)
+
+
+def test_rate_from_store_rates_what_others_put_there_once(world, tmp_path, capsys):
+    """Generations the service (or an import) wrote, rated in place; the same keys as rating the folder."""
+    from training.expert.data import read_generated
+    from training.expert.raters import DEFAULT_RATERS
+    from training.feedback.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    with open_store(url) as store:
+        for im in read_generated(world["gen"]):
+            store.add_generation(image=str(im.path), prompt=im.prompt, findings=list(im.findings), seed=im.seed,
+                                 sampler=dict(im.sampler), model_version=im.model_version)
+        cursor = store.cursor()
+    args = ["expert", "rate", "--from-store", "--store", url, "--panel", str(world["panel"])]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["images"] == 9 and first["ratings"] == 9 * len(DEFAULT_RATERS)
+    assert main(args) == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_events"] == 0
+    assert _rate(world, store=url) == 0  # the folder itself: nothing new either
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["new_events"] == 0
+    assert main([*args, "--after", str(cursor + 10_000)]) == 0  # nothing after that cursor
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 0
+    with open_store(url) as store:
+        assert len(store.ratings()) == 9 * len(DEFAULT_RATERS)

@@ -77,8 +77,14 @@ def _register_rate(cmds) -> None:
             "Add every image of --generated (with its prompt, findings, seed, sampler settings and model version "
             "from generation.jsonl or the PNG provenance) to the feedback store as a generation, add the panel's "
             "raters, and write every rater's rating of every image; with --pairs also every rater's comparison "
-            "of same-prompt pairs. Idempotent: re-running with the same seed writes nothing."))
-    p.add_argument("--generated", required=True, help="folder of generated images (cxrgen generate --out)")
+            "of same-prompt pairs. --from-store rates the generations already in the store instead. "
+            "Idempotent: re-running with the same seed writes nothing."))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--generated", help="folder of generated images (cxrgen generate --out)")
+    src.add_argument("--from-store", action="store_true",
+                     help="rate the generations already in the store (the service's, an import's) instead")
+    p.add_argument("--after", type=int, default=0,
+                   help="with --from-store: only generations that arrived after this store cursor (default 0)")
     _store_args(p)
     p.add_argument("--pairs", action="store_true", help="also compare same-prompt pairs")
     p.add_argument("--max-pairs", type=int, default=6, help="pairs per prompt at most (default 6)")
@@ -153,16 +159,22 @@ def _open(args):
 def run_rate(args: argparse.Namespace) -> int:
     from training.feedback.store import open_store
 
-    from .rate import rate_folder
+    from .rate import rate_folder, rate_store
 
     if args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
-    if not Path(args.generated).is_dir():
+    if args.after < 0:
+        raise ValueError(f"--after must be a store cursor >= 0, got {args.after}")
+    if args.generated is not None and not Path(args.generated).is_dir():
         raise FileNotFoundError(f"--generated folder not found: {args.generated}")
     panel, raters = _open(args)
     with open_store(args.store, args.blobs) as store:
-        summary = rate_folder(store, panel, args.generated, raters, seed=args.seed, pairs=args.pairs,
-                              max_pairs=args.max_pairs)
+        if args.from_store:
+            summary = rate_store(store, panel, raters, seed=args.seed, after=args.after, pairs=args.pairs,
+                                 max_pairs=args.max_pairs)
+        else:
+            summary = rate_folder(store, panel, args.generated, raters, seed=args.seed, pairs=args.pairs,
+                                  max_pairs=args.max_pairs)
     d = dataclasses.asdict(summary)
     d["generations"] = len(d["generations"])
     print(json.dumps(d))

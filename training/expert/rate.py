@@ -8,7 +8,7 @@ idempotency key derived from (seed, rater, generation), so a re-run writes nothi
   rating       panel-rating:<seed>:<rater>:<sha256(generation key)>
   comparison   panel-comparison:<seed>:<rater>:<sha256(generation key a, generation key b)>
 
-Phases (``rate_folder``):
+Phases (``rate_folder``; ``rate_store`` rates generations already in the store, from phase 3):
   1. read the folder's records, resolve each image's findings (record, else parsed from the prompt)
   2. add the raters and the generations
   3. assess the images with the panel (once) and write every rater's rating of every image
@@ -124,18 +124,52 @@ def write_comparisons(store, raters: Sequence[RaterProfile], assessed: dict[int,
     return n
 
 
-def rate_folder(store, panel: Panel, folder: str | Path, raters: Sequence[RaterProfile], seed: int = 0,
-                pairs: bool = False, max_pairs: int = 6) -> RateSummary:
-    """Ingest and rate every image of a ``cxrgen generate`` folder (see the module docstring)."""
+def _check(seed: int, max_pairs: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+
+
+def rate_folder(store, panel: Panel, folder: str | Path, raters: Sequence[RaterProfile], seed: int = 0,
+                pairs: bool = False, max_pairs: int = 6) -> RateSummary:
+    """Ingest and rate every image of a ``cxrgen generate`` folder (see the module docstring)."""
+    _check(seed, max_pairs)
     images = read_generated(folder)  # 1.
     before = store.cursor()
     summary = RateSummary(folder=str(folder), images=len(images), panel_version=panel.version)
     summary.raters = add_raters(store, raters)  # 2.
     gens = add_generations(store, images)
+    return _rate(store, panel, raters, images, gens, seed, pairs, max_pairs, summary, before)
+
+
+def stored_generations(store, after: int) -> tuple[list[GeneratedImage], list[tuple[int, list]]]:
+    """The generations that arrived in the store after cursor ``after`` (the service's, an import's), as
+    images on the store's blob folder with their resolved findings."""
+    gids = [e.record.id for e in store.read_after(after).events if e.kind == "generation"]
+    images, gens = [], []
+    for rec in store.generations(gids):
+        images.append(GeneratedImage(Path(rec.image_path), rec.prompt, tuple(rec.findings), rec.seed,
+                                     dict(rec.sampler), rec.model_version))
+        gens.append((rec.id, resolve_findings(rec.findings, rec.prompt)))
+    return images, gens
+
+
+def rate_store(store, panel: Panel, raters: Sequence[RaterProfile], seed: int = 0, after: int = 0,
+               pairs: bool = False, max_pairs: int = 6) -> RateSummary:
+    """Rate the generations already in the store (those after cursor ``after``): what the service or an
+    import put there. Same keys as ``rate_folder``, so an image rated either way is rated once."""
+    _check(seed, max_pairs)
+    before = store.cursor()
+    images, gens = stored_generations(store, after)
+    summary = RateSummary(folder=f"store after cursor {after}", images=len(images), panel_version=panel.version)
+    summary.raters = add_raters(store, raters)
+    return _rate(store, panel, raters, images, gens, seed, pairs, max_pairs, summary, before)
+
+
+def _rate(store, panel, raters, images, gens, seed, pairs, max_pairs, summary: RateSummary,
+          before: int) -> RateSummary:
+    """Phases 3-4 of both entry points: ratings, then (with ``pairs``) comparisons."""
     summary.generations = [g for g, _ in gens]
     assessed, summary.plausible = write_ratings(store, panel, raters, images, gens, seed)  # 3.
     summary.ratings = len(images) * len(raters)
