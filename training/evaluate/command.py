@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from .harness import EvalConfig
+from .config import EvalConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:

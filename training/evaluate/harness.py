@@ -35,45 +35,9 @@ import torch
 
 from ..findings import OBSERVATIONS
 from . import judge as J
+from .config import EvalConfig  # noqa: F401  (re-exported: the harness API takes it)
 
 EFFUSION = OBSERVATIONS.index("Pleural Effusion")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    out: str = ""  # report folder: metrics.json, report.md, samples.png, auroc.png
-    model: str = ""  # generator checkpoint folder
-    data: str = ""  # simulated MIMIC-layout data set: train trains judges, validate / test are held out
-    judge: str | None = None  # trained judge folder (judge.json); default: train one into OUT/judge
-    judge_arch: str = "densenet121"  # judge backbone when one is trained here
-    judge_epochs: int = 8  # judge training epochs
-    judge_size: int = 128  # judge input side
-    n_prompts: int = 200  # held-out test prompts, one image each (conditioning, FID, posture)
-    diversity_prompts: int = 25  # prompts with 4 samples each for MS-SSIM
-    augment_real: int = 200  # N real training images in the augmentation experiment
-    augment_synthetic: int = 200  # M synthetic images added to them
-    augment_epochs: int = 6  # epochs of each augmentation classifier
-    augment_arch: str = "resnet18"  # backbone of the augmentation classifiers
-    steps: int = 25  # sampling steps
-    guidance: float = 4.0  # classifier-free guidance
-    scheduler: str = "ddim"  # sampler, one of training.generation.SCHEDULERS (as cxrgen generate --scheduler)
-    batch_size: int = 16  # generation batch
-    seed: int = 0  # generation and training seed
-    device: str = "cpu"  # "cpu" or "cuda"
-    train_split: str = "train"  # split that trains the judge and the augmentation classifiers
-    val_split: str = "validate"  # held-out split: effusion threshold, FID floor
-    test_split: str = "test"  # held-out split: prompts and real reference images
-
-    def validate(self) -> None:
-        for name in ("out", "model", "data"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
-        from ..generation import SCHEDULERS
-
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown --scheduler {self.scheduler!r}; known: {sorted(SCHEDULERS)}")
-        if self.n_prompts < 8:
-            raise ValueError(f"--n-prompts must be >= 8 (AUROC needs both classes), got {self.n_prompts}")
 
 
 class ImageSet(torch.utils.data.Dataset):

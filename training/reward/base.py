@@ -38,10 +38,9 @@ from torch import nn
 from training.artifacts import jsonable as _jsonable, read_meta, read_safetensors
 from training.findings import Finding
 
+from .config import DEFAULT_MODEL_DIR, REWARD_NAMES  # noqa: F401  (re-exported: rb.REWARD_NAMES)
 from .nets import Trunk, prepare
 
-REWARD_NAMES: tuple[str, ...] = ("plausibility", "comparative", "posture", "diagnosis", "consistency")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "rewards"
 MANIFEST = "reward_manifest.json"
 WEIGHTS = "reward.safetensors"
 WEIGHTS_CONFIG = "rewards.json"  # optional, in the model dir: {"combined": {name: weight}}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .base import DEFAULT_MODEL_DIR, REWARD_NAMES
+# Here, not in base.py (which imports torch), so that the CLI builds its flags without loading torch.
+REWARD_NAMES: tuple[str, ...] = ("plausibility", "comparative", "posture", "diagnosis", "consistency")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "rewards"
 
 # Kinds that learn from the feedback store's ratings / comparisons; the other three learn from simulator data.
 STORE_KINDS: tuple[str, ...] = ("plausibility", "comparative")
