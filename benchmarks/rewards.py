@@ -35,22 +35,19 @@ def real_images(data: str, split: str, n: int, size: int):
 
     ds = MimicCXRDataset(root=data, split=split, size=size, normalize="unit", return_ground_truth=True)
     items = [ds[i] for i in range(min(n, len(ds)))]
-    findings = [[Finding.from_dict({k: v for k, v in f.items() if k != "params"})
-                 for f in it["ground_truth"]["findings"]] for it in items]
+    findings = [[Finding.from_record(f) for f in it["ground_truth"]["findings"]] for it in items]
     return torch.stack([it["image"] for it in items]), [it["prompt"] for it in items], findings
 
 
-def generated_images(folder: str, n: int):
-    """Images of a ``cxrgen generate`` folder with the prompts and findings of their provenance."""
-    from PIL import Image
-
+def generated_images(folder: str, n: int, size: int):
+    """Images of a ``cxrgen generate`` folder with the prompts and findings of their records."""
+    from training.data.images import read_image
     from training.findings import Finding
+    from training.generation import read_generation_log
 
-    rows = [json.loads(line) for line in (Path(folder) / "generation.jsonl").read_text().splitlines()][:n]
-    imgs = [torch.from_numpy(np.asarray(Image.open(Path(folder) / r["file"]), dtype=np.float32) / 127.5 - 1)
-            for r in rows]
-    return (torch.stack(imgs)[:, None], [r["prompt"] for r in rows],
-            [[Finding.from_dict(f) for f in r.get("findings", [])] for r in rows])
+    rows = list(read_generation_log(folder).values())[:n]
+    return (torch.stack([read_image(Path(folder) / r["file"], size) for r in rows]), [r["prompt"] for r in rows],
+            [[Finding.from_record(f) for f in r.get("findings", [])] for r in rows])
 
 
 def summary(scores: torch.Tensor) -> dict:
@@ -88,6 +85,7 @@ def main() -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--generated", required=True, help="cxrgen generate output folder")
     ap.add_argument("--n", type=int, default=200, help="images per group")
+    ap.add_argument("--size", type=int, default=128, help="image side the groups are read at (the generator's)")
     ap.add_argument("--reward-dir", default=None, help="trained rewards (default models/rewards)")
     ap.add_argument("--out", default="benchmarks/results/rewards-cpu.json")
     ap.add_argument("--plot", default="docs/reward_distributions.png")
@@ -96,8 +94,8 @@ def main() -> int:
     from training.reward.corrupt import GUARDED, corrupt
 
     torch.manual_seed(0)
-    gen = generated_images(args.generated, args.n)
-    real = real_images(args.data, args.split, args.n, gen[0].shape[-1])
+    gen = generated_images(args.generated, args.n, args.size)
+    real = real_images(args.data, args.split, args.n, args.size)
     inputs = {"real": real, "generated": gen}
     for kind in GUARDED:
         inputs[kind] = (corrupt(real[0], kind, torch.Generator().manual_seed(1)), real[1], real[2])

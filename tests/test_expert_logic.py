@@ -185,17 +185,13 @@ def test_agreement_with_the_majority_and_on_comparisons():
 # ------------------------------------------------------------------------------ findings
 
 
-def test_findings_come_from_the_record_else_from_the_prompt(monkeypatch):
-    from training.data import reports
+def test_findings_come_from_the_record_else_from_the_prompt():
     from training.expert.data import resolve_findings
 
     assert resolve_findings([{"kind": "edema", "severity": "large", "params": {"x": 1}}], "ignored") == \
         [Finding("edema", severity="large")]
     parsed = resolve_findings([], "Moderate left pleural effusion. No pneumothorax.")
     assert [(f.kind, f.side.value) for f in parsed] == [("pleural_effusion", "left")]
-    monkeypatch.delattr(reports, "findings_from_text", raising=False)  # before the lead's parser existed
-    fallback = resolve_findings(None, "Moderate left pleural effusion. No pneumothorax.")
-    assert [(f.kind, f.side.value) for f in fallback] == [("pleural_effusion", "left")]
 
 
 # ---------------------------------------------------------------------------- corruptions

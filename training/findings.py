@@ -141,6 +141,14 @@ class Finding:
             raise ValueError(f"unknown finding field(s) {sorted(unknown)}")
         return cls(d["kind"], d.get("side"), d.get("severity"), d.get("lobe"))
 
+    @classmethod
+    def from_record(cls, d: "Mapping | Finding") -> "Finding":
+        """A Finding from any record that carries one: a Finding, or a dict whose other keys are ignored
+        (the simulator's ground truth adds rendering ``params``; ``from_dict`` stays strict for the wire)."""
+        if isinstance(d, Finding):
+            return d
+        return cls.from_dict({k: d[k] for k in ("kind", "side", "severity", "lobe") if d.get(k) is not None})
+
     def describe(self) -> str:
         """Short human text, e.g. 'moderate left pleural effusion'."""
         words = [self.severity.value if self.severity else None]

@@ -151,12 +151,39 @@ def read_data_prompts(root: str, split: str, limit: int) -> list[tuple[str, list
         for line in f:
             row = json.loads(line)
             if row.get("split") == split:
-                found = [Finding.from_dict({k: v for k, v in d.items() if k != "params"}) for d in row["findings"]]
+                found = [Finding.from_record(d) for d in row["findings"]]
                 out.append((row["prompt"], found))
                 if len(out) == limit:
                     break
     if not out:
         raise ValueError(f"--prompts-from {root}: no studies in split {split!r}")
+    return out
+
+
+def read_generation_log(folder: str | Path, strict: bool = True) -> dict[str, dict]:
+    """``folder/generation.jsonl`` (what ``run`` writes) as {file name: last record}; {} when absent.
+
+    A malformed line is a ValueError naming file and line, or with ``strict=False`` skipped (a torn
+    line of an interrupted run, where each image's own provenance still holds).
+    """
+    path = Path(folder) / "generation.jsonl"
+    if not path.is_file():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not strict:
+                continue
+            raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+        if not isinstance(rec, dict) or "file" not in rec:
+            if not strict:
+                continue
+            raise ValueError(f"{path}: line {n}: expected an object with a 'file' key")
+        out[str(rec["file"])] = rec
     return out
 
 

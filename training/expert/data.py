@@ -12,14 +12,14 @@ appends). Where the file has no record, its PNG provenance is read instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from training.data.images import CONTACT_SHEETS, read_image
 from training.evaluate.judge import pose_vector
-from training.findings import KINDS, Finding
+from training.findings import Finding
 
 from .config import GRADED_KINDS, KIND_NAMES, SEVERITIES, SIDED_KINDS
 
@@ -29,39 +29,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # ---------------------------------------------------------------------------------- findings
 
 
-def finding(d: Mapping | Finding) -> Finding:
-    """A ``Finding`` from a finding dict; the simulator's rendering ``params`` are dropped."""
-    if isinstance(d, Finding):
-        return d
-    return Finding.from_dict({k: v for k, v in d.items() if k in ("kind", "side", "severity", "lobe")})
-
-
-def findings_from_prompt(prompt: str) -> list[Finding]:
-    """The findings a prompt asserts: ``training.data.reports.findings_from_text`` when it exists.
-
-    Until the lead's parser lands, fall back to the kinds the text positively mentions, with
-    the side written next to them (no severity: an unread severity is simply not checked).
-    """
-    from training.data import reports
-
-    parse = getattr(reports, "findings_from_text", None)
-    if parse is not None:
-        return list(parse(prompt))
-    out = []
-    for kind in sorted(reports.mentioned_kinds(prompt)):
-        spec = KINDS[kind]
-        side = reports.side_from_text(prompt, kind) if (spec.sided or spec.lobar) else None
-        if side is not None and side.value == "bilateral" and not spec.sided:
-            side = None  # a lobar finding sits in one lobe
-        out.append(Finding(kind, side=side))
-    return out
-
-
 def resolve_findings(recorded: Sequence | None, prompt: str) -> list[Finding]:
     """The record's structured findings; read from the prompt when the record has none."""
+    from training.data.reports import findings_from_text
+
     if recorded:
-        return [finding(d) for d in recorded]
-    return findings_from_prompt(prompt or "")
+        return [Finding.from_record(d) for d in recorded]
+    return findings_from_text(prompt or "")
 
 
 # ----------------------------------------------------------------------------------- targets
@@ -79,7 +53,7 @@ def targets(findings: Iterable[Mapping | Finding]) -> dict[str, torch.Tensor]:
     side = torch.zeros(len(SIDED_KINDS), 2)
     side_mask = torch.zeros(len(SIDED_KINDS), dtype=torch.bool)
     severity = torch.full((len(GRADED_KINDS),), -1, dtype=torch.long)
-    for f in map(finding, findings):
+    for f in map(Finding.from_record, findings):
         presence[KIND_NAMES.index(f.kind)] = 1.0
         if f.kind in SIDED_KINDS and f.side is not None:
             j = SIDED_KINDS.index(f.kind)
@@ -148,7 +122,7 @@ def load_split(root: str | Path, split: str, size: int, limit: int = 0, prompts:
         side=torch.stack([x["side"] for x in t]), side_mask=torch.stack([x["side_mask"] for x in t]),
         severity=torch.stack([x["severity"] for x in t]),
         pose=torch.stack([pose_vector(r, d) for r, d in zip(rows, ids)]),
-        findings=[[finding(f) for f in r.get("findings", [])] for r in rows], ids=ids, prompts=texts,
+        findings=[[Finding.from_record(f) for f in r.get("findings", [])] for r in rows], ids=ids, prompts=texts,
     )
 
 
@@ -170,32 +144,13 @@ class GeneratedImage:
 SAMPLER_KEYS = ("steps", "guidance_scale", "scheduler", "negative_prompt", "height", "width", "model_path")
 
 
-def _records(folder: Path) -> dict[str, dict]:
-    """generation.jsonl as {file name: last record}; {} when absent."""
-    path = folder / "generation.jsonl"
-    if not path.is_file():
-        return {}
-    out = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
-        if not isinstance(rec, dict) or "file" not in rec:
-            raise ValueError(f"{path}: line {n}: expected an object with a 'file' key")
-        out[str(rec["file"])] = rec
-    return out
-
-
 def image_files(folder: str | Path) -> list[Path]:
     """The PNG / JPEG files of a folder, sorted by name; errors for a missing or empty folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"generated image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and p.name != "grid.png")
+                   and p.name not in CONTACT_SHEETS)
     if not files:
         raise ValueError(f"{folder} holds no .png / .jpg images")
     return files
@@ -207,10 +162,11 @@ def read_generated(folder: str | Path) -> list[GeneratedImage]:
     The record comes from ``generation.jsonl`` or else from the PNG's provenance; an image with
     neither is an error naming it (the panel cannot check an image against an unknown prompt).
     """
+    from training.generation import read_generation_log
     from training.provenance import read_png_provenance
 
     folder = Path(folder)
-    files, records = image_files(folder), _records(folder)
+    files, records = image_files(folder), read_generation_log(folder)
     out = []
     for path in files:
         rec = records.get(path.name)
@@ -228,18 +184,11 @@ def read_generated(folder: str | Path) -> list[GeneratedImage]:
     return out
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """A grey image file as (1, size, size) float in [-1, 1] (letterboxed, antialiased resize)."""
-    from training.data.mimic import letterbox_resize, load_grayscale
-
-    return letterbox_resize(load_grayscale(Path(path)), size) * 2.0 - 1.0
-
-
 def load_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
     """Image files as (N, 1, size, size) float in [-1, 1]."""
     if not paths:
         return torch.zeros((0, 1, size, size))
-    return torch.stack([load_image(p, size) for p in paths])
+    return torch.stack([read_image(p, size) for p in paths])
 
 
 def stable_fraction(name: str) -> float:

@@ -40,7 +40,6 @@ from . import anatomy
 from .calibrate import QuantileMap, Tail, pick
 from .config import (CRITERIA, FORMAT_VERSION, GRADED_KINDS, KIND_NAMES, MAJOR_KINDS, PANEL_FILE, SEVERITIES,
                      SIDED_KINDS, WEIGHTS_FILE, related)
-from .data import finding
 from .nets import Critic, Reader
 
 
@@ -152,7 +151,8 @@ class Panel:
             raise ValueError(f"{images.shape[0]} images but {len(findings)} finding lists")
         raw = self.read(images, batch_size)
         excess = anatomy.excess(raw["anatomy"], self.bands)
-        return [self._assess_one(raw, excess, i, [finding(f) for f in fs]) for i, fs in enumerate(findings)]
+        return [self._assess_one(raw, excess, i, [Finding.from_record(f) for f in fs])
+                for i, fs in enumerate(findings)]
 
     def _z2(self, criterion: str, z: float) -> float:
         """Second calibration level: a per-item value against the real-film quantiles of the criterion's

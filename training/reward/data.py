@@ -29,7 +29,6 @@ from training.findings import Finding
 
 from .nets import prepare
 
-FINDING_KEYS = ("kind", "side", "severity", "lobe")
 
 
 def to_u8(x: torch.Tensor) -> torch.Tensor:
@@ -43,13 +42,7 @@ def from_u8(x: torch.Tensor) -> torch.Tensor:
 
 def parse_findings(items: Sequence[Any] | None) -> list[Finding]:
     """Finding dicts (ground truth carries extra keys such as ``params``: ignored) -> Findings."""
-    out = []
-    for d in items or []:
-        if isinstance(d, Finding):
-            out.append(d)
-        else:
-            out.append(Finding.from_dict({k: d[k] for k in FINDING_KEYS if d.get(k) is not None}))
-    return out
+    return [Finding.from_record(d) for d in items or []]
 
 
 def prompt_split(prompt: str, seed: int, val_fraction: float, test_fraction: float) -> str:

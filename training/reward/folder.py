@@ -17,7 +17,6 @@ A prompt with no structured findings (older provenance) gets them from its text.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -25,16 +24,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from training.data.images import CONTACT_SHEETS, read_image
 from training.findings import Finding
+from training.generation import read_generation_log
 
 from .data import parse_findings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 CSV_NAME = "scores.csv"
-
-
-# cxrgen's own contact sheets (generate --grid, simulate --grid) sit beside the images: not films to score.
-CONTACT_SHEETS = frozenset({"grid.png", "contact_sheet.png"})
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -49,52 +46,6 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise ValueError(f"no images (PNG, JPEG or DICOM) in {folder}")
     return files
-
-
-def read_dicom_pixels(path: Path) -> np.ndarray:
-    """A DICOM image as float (H, W) in [0, 1] (MONOCHROME1 inverted; scaled by its stored bit depth)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array.astype(np.float64)
-    except Exception as e:  # pydicom raises assorted types for non-DICOM / pixel-less files
-        raise ValueError(f"corrupt or unreadable DICOM image {path}: {e}") from e
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a single grey frame, got pixel array of shape {arr.shape}")
-    bits = int(getattr(ds, "BitsStored", 0) or 0)
-    if bits and arr.min() >= 0:  # unsigned stored values: full range of the stored bit depth
-        arr = arr / float(2 ** bits - 1)
-    else:  # signed or unknown depth: the image's own range
-        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
-    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
-        arr = 1.0 - arr
-    return np.clip(arr, 0.0, 1.0)
-
-
-def read_image(path: Path, size: int) -> torch.Tensor:
-    """(1, size, size) in [-1, 1], letterboxed like the training data."""
-    from training.data.mimic import letterbox_resize, load_grayscale
-
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        x = torch.from_numpy(read_dicom_pixels(path).astype(np.float32))[None]
-    else:
-        x = load_grayscale(path)
-    return letterbox_resize(x, size) * 2 - 1
-
-
-def _jsonl_rows(folder: Path) -> dict[str, dict]:
-    path = folder / "generation.jsonl"
-    rows = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of an interrupted run: provenance in the files still holds
-            if isinstance(row, dict) and "file" in row:
-                rows[str(row["file"])] = row
-    return rows
 
 
 def declared(path: Path, rows: dict[str, dict]) -> tuple[str, list[Finding]] | None:
@@ -121,7 +72,8 @@ def prompts_and_findings(files: Sequence[Path], prompt: str | None) -> tuple[lis
     if prompt is not None:
         found = findings_from_text(prompt)
         return [prompt] * len(files), [list(found) for _ in files], 0
-    rows = _jsonl_rows(files[0].parent) if files else {}
+    # A torn line (an interrupted run) is skipped: the files' own provenance still holds.
+    rows = read_generation_log(files[0].parent, strict=False) if files else {}
     prompts, findings, missing = [], [], 0
     for f in files:
         d = declared(f, rows)
