@@ -44,3 +44,46 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("pg_url")
+
+
+# ---------------------------------------------------------------- the service (issue 9)
+
+
+@pytest.fixture(scope="session")
+def service_app(tmp_path_factory):
+    """The service in this process (TestClient over its ASGI app), ready; yields a client factory."""
+    import os
+
+    from service_support import service_env, wait_ready
+
+    root = tmp_path_factory.mktemp("service")
+    os.environ.update(service_env(root))
+    from starlette.testclient import TestClient
+
+    from _bentoml_impl.tasks.result import Sqlite3Store
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from service.service import CXRGen
+
+    # `bentoml serve` creates the task table before starting workers; an in-process app must do it.
+    Sqlite3Store.init_db(BentoMLContainer.result_store_file.get())
+    with TestClient(CXRGen.to_asgi(), raise_server_exceptions=False) as client:
+        wait_ready(client.get)
+        client.root = root
+        yield client
+
+
+@pytest.fixture(scope="session")
+def live_service(tmp_path_factory):
+    """A real `bentoml serve` process with two workers, API keys and four stored generations (two
+    prompts, two images each)."""
+    from service_support import start_live
+
+    live = start_live(tmp_path_factory.mktemp("live"), workers=2)
+    try:
+        with live.client("client") as c:
+            for prompt in ("Small left pleural effusion.", "No acute cardiopulmonary process."):
+                r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": 11, "steps": 3})
+                assert r.status_code == 200, r.text
+        yield live
+    finally:
+        live.stop()

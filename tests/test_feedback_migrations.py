@@ -22,9 +22,9 @@ def test_empty_store_migrates_to_the_models(store_url):
     engine = db.make_engine(db.resolve_url(store_url))
     try:
         assert db.current_revision(engine) is None
-        assert db.upgrade(engine) == db.head_revision() == "0001"
+        assert db.upgrade(engine) == db.head_revision() == "0002"
         assert differences(engine) == []
-        assert db.upgrade(engine) == "0001"  # again: a no-op
+        assert db.upgrade(engine) == "0002"  # again: a no-op
     finally:
         engine.dispose()
 
@@ -39,7 +39,7 @@ def test_cli_store_upgrade_and_stats(tmp_path, capsys):
     assert main(["store", "stats", "--store", url]) == 2
     assert "cxrgen store upgrade" in capsys.readouterr().err
     assert main(["store", "upgrade", "--store", url]) == 0
-    assert json.loads(capsys.readouterr().out)["revision"] == "0001"
+    assert json.loads(capsys.readouterr().out)["revision"] == "0002"
     assert main(["store", "stats", "--store", url]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["generations"], stats["cursor"]) == (0, 0)

@@ -39,6 +39,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import io
 import math
 import os
 import uuid
@@ -346,7 +347,22 @@ def _description(prov: Provenance) -> str:
 
 
 def save_png(image: Any, path: str | os.PathLike, prov: Provenance) -> Path:
-    """Write ``image`` as an 8-bit grayscale PNG carrying ``prov``; return the path.
+    """Write ``image`` as an 8-bit grayscale PNG carrying ``prov`` (see ``png_writer``); return the path."""
+    return _atomic_write(path, png_writer(image, prov))
+
+
+def encode(image: Any, prov: Provenance, fmt: str = "png") -> bytes:
+    """The bytes ``save_png`` (fmt "png") or ``save_dicom`` (fmt "dicom") would write, for a network reply."""
+    writers = {"png": png_writer, "dicom": dicom_writer}
+    if fmt not in writers:
+        raise ValueError(f"unknown image format {fmt!r}; known: {sorted(writers)}")
+    buf = io.BytesIO()
+    writers[fmt](image, prov)(buf)
+    return buf.getvalue()
+
+
+def png_writer(image: Any, prov: Provenance) -> Callable[[Any], None]:
+    """``write(fileobj)`` that writes ``image`` as an 8-bit grayscale PNG carrying ``prov``.
 
     Text chunks (tEXt unless noted): ``synthetic`` = "true", ``cxrgen:model_version``,
     ``cxrgen:seed``, ``cxrgen:prompt_sha256``, ``cxrgen:prompt`` (iTXt, UTF-8),
@@ -369,7 +385,7 @@ def save_png(image: Any, path: str | os.PathLike, prov: Provenance) -> Path:
     img = Image.fromarray(gray)
     if img.mode != "L":  # pragma: no cover - a 2-D uint8 array is always "L"
         img = img.convert("L")
-    return _atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
+    return lambda f: img.save(f, format="PNG", pnginfo=info)
 
 
 def read_png_provenance(path: str | os.PathLike) -> Provenance:
@@ -425,7 +441,14 @@ def _patient_id(seed: int) -> str:
 
 def save_dicom(image: Any, path: str | os.PathLike, prov: Provenance, *,
                study_instance_uid: str | None = None, series_instance_uid: str | None = None) -> Path:
-    """Write ``image`` as a DICOM Secondary Capture object carrying ``prov``; return the path.
+    """Write ``image`` as a DICOM Secondary Capture object carrying ``prov`` (see ``dicom_writer``)."""
+    return _atomic_write(path, dicom_writer(image, prov, study_instance_uid=study_instance_uid,
+                                            series_instance_uid=series_instance_uid))
+
+
+def dicom_writer(image: Any, prov: Provenance, *, study_instance_uid: str | None = None,
+                 series_instance_uid: str | None = None) -> Callable[[Any], None]:
+    """``write(fileobj)`` that writes ``image`` as a DICOM Secondary Capture object carrying ``prov``.
 
     Every call gets a new SOPInstanceUID (``pydicom.uid.generate_uid(prefix=None)``: a "2.25." UUID-
     derived UID, so no registered root is needed). Study and series UIDs are new too unless given, so
@@ -543,8 +566,7 @@ def save_dicom(image: Any, path: str | os.PathLike, prov: Provenance, *,
     block.add_new(_PRIV_PROMPT_SHA256, "LO", prov.prompt_sha256)
     block.add_new(_PRIV_SEED, "LO", _lo(str(prov.seed)))
 
-    return _atomic_write(path, lambda f: ds.save_as(f, enforce_file_format=True, implicit_vr=False,
-                                                    little_endian=True))
+    return lambda f: ds.save_as(f, enforce_file_format=True, implicit_vr=False, little_endian=True)
 
 
 def read_dicom_provenance(path: str | os.PathLike) -> Provenance:

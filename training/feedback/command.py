@@ -56,7 +56,11 @@ def register_feedback(sub: argparse._SubParsersAction) -> None:
                             description="Replay an export into this store (created and migrated if needed). "
                                         "Records keep their idempotency keys, so importing twice adds nothing. "
                                         "Prints the events read and the store's cursor as JSON.")
-    im.add_argument("file", metavar="FILE", help="NDJSON export, or - for stdin")
+    im.add_argument("file", metavar="FILE",
+                    help="NDJSON export, - for stdin, or a service URL: http://HOST:3000 (reads its "
+                         "/feedback/stream; the API key from $CXRGEN_API_KEY)")
+    im.add_argument("--after", type=int, default=0, metavar="C",
+                    help="with a URL: stream only events after cursor C (the cursor the last import printed)")
     _store_args(im)
     im.set_defaults(func=run_import)
 
@@ -114,6 +118,8 @@ def run_export(args) -> int:
 def run_import(args) -> int:
     from .exchange import import_events
 
+    if args.file.startswith(("http://", "https://")):
+        return _import_url(args)
     if args.file != "-" and not Path(args.file).is_file():
         raise FileNotFoundError(f"no export file at {args.file}")
     with _open(args, upgrade=True) as store:
@@ -123,4 +129,45 @@ def run_import(args) -> int:
             with open(args.file) as f:
                 n = import_events(store, f, args.file)
         print(json.dumps({"events": n, **store.counts(), "cursor": store.cursor()}))
+    return 0
+
+
+def _import_url(args) -> int:
+    """Stream ``/feedback/stream?after=C`` of a running service into this store, line by line."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .exchange import import_events
+
+    base = args.file.rstrip("/")
+    url = base if "/feedback/stream" in base else f"{base}/feedback/stream?after={int(args.after)}"
+    req = urllib.request.Request(url, headers={"Accept": "application/x-ndjson"})
+    if os.environ.get("CXRGEN_API_KEY"):
+        req.add_header("Authorization", "Bearer " + os.environ["CXRGEN_API_KEY"])
+    end: dict = {}
+
+    def lines(resp):
+        for raw in resp:
+            line = raw.decode("utf-8")
+            if line.strip():
+                event = json.loads(line)
+                if event.get("kind") == "end":
+                    end.update(event)
+            yield line
+
+    try:
+        resp = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{urllib.parse.urlsplit(url)._replace(query='').geturl()}: HTTP {e.code}: "
+                         f"{e.read()[:300].decode('utf-8', 'replace')}") from None
+    except urllib.error.URLError as e:
+        raise ValueError(f"cannot reach {base}: {e.reason}") from None
+    with resp, _open(args, upgrade=True) as store:
+        n = import_events(store, lines(resp), url)
+        if not end:
+            raise ValueError(f"{url}: the stream ended without its final status line (cut short after {n} "
+                             "events); run the import again: it is idempotent")
+        print(json.dumps({"events": n, **store.counts(), "stream_cursor": end.get("cursor")}))
     return 0

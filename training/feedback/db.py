@@ -35,6 +35,8 @@ def resolve_url(url: str | URL | None = None) -> URL:
     raw = url or os.environ.get("CXRGEN_STORE") or DEFAULT_URL
     if isinstance(raw, URL):
         raw = raw.render_as_string(hide_password=False)
+    elif isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if "://" not in raw:
         raw = "sqlite:///" + str(Path(raw))
     try:

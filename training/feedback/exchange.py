@@ -23,14 +23,23 @@ PAGE = 500  # events read per query
 
 def export_events(store: FeedbackStore, out: IO[str], after: int = 0, images: bool = True) -> tuple[int, int]:
     """Write every event after cursor ``after`` as NDJSON; returns (events written, final cursor)."""
-    cursor, n, keys = after, 0, {}
+    n, cursor = 0, after
+    for line, cursor in iter_export(store, after, images):
+        out.write(line)
+        n += 1
+    return n, cursor
+
+
+def iter_export(store: FeedbackStore, after: int = 0, images: bool = True, page: int = PAGE):
+    """(NDJSON line, cursor after it) for every event after ``after``, read a page at a time: what the
+    export file and the service's ``/feedback/stream`` are made of."""
+    cursor, keys = after, {}
     while True:
-        batch = store.read_after(cursor, limit=PAGE)
+        batch = store.read_after(cursor, limit=page)
         if not batch.events:
-            return n, cursor
+            return
         for e in batch.events:
-            out.write(json.dumps({"seq": e.seq, "kind": e.kind, "record": _exported(store, e, keys, images)}) + "\n")
-            n += 1
+            yield json.dumps({"seq": e.seq, "kind": e.kind, "record": _exported(store, e, keys, images)}) + "\n", e.seq
         cursor = batch.cursor
 
 
@@ -64,9 +73,15 @@ def import_events(store: FeedbackStore, lines: Iterable[str], source: str = "inp
         where = f"{source}:{lineno}"
         try:
             event = json.loads(line)
-            kind, rec = event["kind"], event["record"]
+            kind, rec = event["kind"], event.get("record", event.get("error"))
+            if kind not in ("end", "error"):
+                rec = event["record"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise StoreError(f"{where}: not a feedback event line ({type(e).__name__}: {e})") from e
+        if kind == "end":  # the service stream's final status line: nothing to import
+            continue
+        if kind == "error":
+            raise StoreError(f"{where}: the stream ended with a server error: {rec if rec else event}")
         if kind not in IMPORTERS:
             raise StoreError(f"{where}: unknown event kind {kind!r}; known: {', '.join(IMPORTERS)}")
         try:

@@ -106,4 +106,24 @@ class Feed(Base):
     created: Mapped[dt.datetime] = _created()
 
 
+class Job(Base):
+    """A long-running request (the service's augmentation batches, issue 9): its spec, state and
+    progress live here, not in BentoML's task database, which is deleted when a server starts."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (CheckConstraint("state IN ('queued', 'running', 'done', 'failed')", name="state_choice"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # uuid4 hex, chosen by the caller
+    kind: Mapped[str] = mapped_column(String(32))  # "augment"
+    spec: Mapped[dict] = mapped_column(JSON)  # the validated request
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    total: Mapped[int] = mapped_column(Integer)  # images wanted
+    done: Mapped[int] = mapped_column(Integer)  # images accepted so far
+    sampled: Mapped[int] = mapped_column(Integer)  # images generated so far (done / sampled = acceptance rate)
+    error: Mapped[str] = mapped_column(Text)  # why it failed ("" otherwise)
+    result: Mapped[str] = mapped_column(Text)  # path of the result archive once done ("" before)
+    owner: Mapped[str] = mapped_column(String(KEY_LENGTH))  # host:pid of the process running it
+    created: Mapped[dt.datetime] = _created()
+    updated: Mapped[dt.datetime] = _created()
+
+
 KINDS = {"rater": Rater, "generation": Generation, "rating": Rating, "comparison": Comparison}

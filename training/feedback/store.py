@@ -413,6 +413,33 @@ class FeedbackStore:
             return {kind + "s": int(s.scalar(select(func.count()).select_from(model)))
                     for kind, model in KINDS.items()}
 
+    def unrated(self, rater_id: str, limit: int = 10) -> list[GenerationRecord]:
+        """Generations ``rater_id`` has not rated yet, oldest first (a rating page's queue)."""
+        done = select(Rating.generation_id).where(Rating.rater_id == rater_id)
+        with Session(self.engine) as s:
+            q = select(Generation).where(Generation.id.not_in(done)).order_by(Generation.id).limit(limit)
+            return [self._generation_record(g) for g in s.scalars(q)]
+
+    def uncompared_pairs(self, rater_id: str, limit: int = 10) -> list[tuple[GenerationRecord, GenerationRecord]]:
+        """Pairs of generations with the same prompt that ``rater_id`` has not compared (either order),
+        oldest first; each generation in at most one pair of the answer."""
+        a, b = Generation.__table__.alias("a"), Generation.__table__.alias("b")
+        seen = select(Comparison.generation_a, Comparison.generation_b).where(Comparison.rater_id == rater_id)
+        with Session(self.engine) as s:
+            done = {frozenset(r) for r in s.execute(seen)}
+            q = (select(a.c.id, b.c.id).join(b, (a.c.prompt == b.c.prompt) & (a.c.id < b.c.id))
+                 .order_by(a.c.id, b.c.id).limit(50 * limit + 500))
+            pairs, used = [], set()
+            for x, y in s.execute(q):
+                if frozenset((x, y)) in done or x in used or y in used:
+                    continue
+                pairs.append((x, y))
+                used.update((x, y))
+                if len(pairs) == limit:
+                    break
+        recs = {g.id: g for g in self.generations([i for p in pairs for i in p])}
+        return [(recs[x], recs[y]) for x, y in pairs]
+
     def read_after(self, cursor: int = 0, limit: int | None = None) -> Batch:
         """Every event with seq > cursor, in seq order (at most ``limit``), and the cursor to read after next."""
         if isinstance(cursor, bool) or not isinstance(cursor, int) or cursor < 0:

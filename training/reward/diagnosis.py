@@ -96,3 +96,19 @@ def train(cfg: RewardConfig, store=None) -> Path:
 
 
 REWARD = DiagnosisReward  # the plug-in this module registers under its name
+
+
+@torch.no_grad()
+def finding_agreement(reward: DiagnosisReward, images: torch.Tensor,
+                      findings: Sequence[Sequence[Finding]]) -> list[dict[str, float]]:
+    """Per image, per CheXpert observation: the classifier's agreement with the prompt (p where the
+    findings declare the observation, 1 - p where they do not); what the service reports beside the
+    scores so a client sees *which* finding an image fails to show."""
+    from .nets import prepare
+
+    net = reward.net
+    device = next(net.parameters()).device
+    p = torch.sigmoid(net.findings(net.trunk(prepare(images, net.image_size).to(device)))).float().cpu()
+    y = label_matrix(findings)
+    agree = y * p + (1 - y) * (1 - p)
+    return [{o: round(float(agree[i, j]), 4) for j, o in enumerate(OBSERVATIONS)} for i in range(len(findings))]

@@ -1,0 +1,96 @@
+"""End to end against a real `bentoml serve` process with two workers (issue 9, section 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service_support import REPO, KEYS
+
+
+def cli(*args, key_role: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if key_role:
+        env["CXRGEN_API_KEY"] = KEYS[key_role]
+    return subprocess.run([str(Path(sys.executable).parent / "cxrgen"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_rate_compare_stream_and_import(live_service, tmp_path):
+    from training.feedback.store import open_store
+
+    with live_service.client("client") as c:
+        r = c.post("/generate", json={"prompt": "Large left pleural effusion.", "n": 2, "seed": 40, "steps": 3})
+    assert r.status_code == 200, r.text
+    ids = [im["id"] for im in r.json()["images"]]
+    with live_service.client("rater") as c:
+        rating = c.post("/feedback/rating", json={"generation_id": ids[0], "rater_id": "e2e-rater",
+                                                  "plausible": True, "key": "e2e-rating"})
+        comparison = c.post("/feedback/comparison", json={"generation_a": ids[0], "generation_b": ids[1],
+                                                          "preferred": "tie", "rater_id": "e2e-rater"})
+    assert rating.status_code == comparison.status_code == 200, (rating.text, comparison.text)
+    with live_service.client("trainer") as c, c.stream("GET", "/feedback/stream?after=0") as s:
+        lines = [json.loads(x) for x in s.iter_lines() if x]
+    assert lines[-1]["kind"] == "end"
+    by_kind = {}
+    for e in lines[:-1]:
+        by_kind.setdefault(e["kind"], []).append(e["record"])
+    gens = {g["id"]: g for g in by_kind["generation"]}
+    assert gens[ids[0]]["prompt"] == "Large left pleural effusion." and "image_png_base64" in gens[ids[0]]
+    assert any(x["id"] == rating.json()["id"] and x["generation_id"] == ids[0] and x["plausible"]
+               for x in by_kind["rating"])
+    assert any(x["generation_a"] == ids[0] and x["generation_b"] == ids[1] and x["preferred"] == "tie"
+               for x in by_kind["comparison"])
+    # The trainer's side: `cxrgen feedback import URL` rebuilds the same records in its own store.
+    copy = tmp_path / "trainer.db"
+    out = cli("feedback", "import", live_service.url, "--store", str(copy), "--blobs", str(tmp_path / "blobs"),
+              key_role="trainer")
+    assert out.returncode == 0, out.stderr
+    with open_store(copy, tmp_path / "blobs") as mine, open_store(live_service.store_url, live_service.blobs) as theirs:
+        assert mine.counts() == theirs.counts()
+    denied = cli("feedback", "import", live_service.url, "--store", str(copy), key_role="client")
+    assert denied.returncode == 2 and "HTTP 403" in denied.stderr
+
+
+def test_metrics_of_two_workers_have_every_series(live_service):
+    import httpx
+
+    text = httpx.get(live_service.url + "/metrics", timeout=30).text
+    names = ("cxrgen_images_generated_total", "cxrgen_generation_seconds_bucket", "cxrgen_batch_size_bucket",
+             "cxrgen_queue_depth", "cxrgen_reward_score_bucket", "cxrgen_feedback_received_total",
+             "cxrgen_model_info", "cxrgen_augment_jobs_total")
+    missing = [n for n in names if n not in text]
+    assert not missing, missing
+    # BentoML's own request metrics are there too.
+    assert "bentoml_service_request_total" in text or "bentoml_api_server_request_total" in text
+
+
+def test_augment_client_cli_downloads_a_loadable_batch(live_service, tmp_path):
+    from training.augment import unpack
+    from training.data.mimic import LoaderConfig, MimicCXRDataset
+
+    out = tmp_path / "batch.tar.gz"
+    res = cli("augment", "--url", live_service.url, "--count", "3", "--labels", "cardiomegaly=1,no_finding=1",
+              "--steps", "2", "--seed", "5", "--out", str(out), "--poll", "0.5", key_role="client")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["accepted"] == 3 and out.is_file()
+    ds = MimicCXRDataset(LoaderConfig(root=unpack(out, tmp_path / "x"), size=64, split="train"))
+    assert len(ds) == 3
+    bad = cli("augment", "--url", live_service.url, "--count", "3", "--labels", "dragon=1", "--out", str(out),
+              key_role="client")
+    assert bad.returncode == 2 and "dragon" in bad.stderr
+
+
+def test_server_log_holds_no_prompt_text(live_service):
+    marker = "OKAPI-MARKER-5521"
+    with live_service.client("client") as c:
+        assert c.post("/generate", json={"prompt": marker * 200}).status_code == 400
+        assert c.post("/generate", json={"prompt": marker, "steps": 0}).status_code == 400
+        assert c.post("/generate", json={"prompt": marker + " cardiomegaly", "steps": 1}).status_code == 200
+    log = live_service.log.read_text(errors="replace")
+    assert "rejected request" in log  # the errors were logged...
+    assert marker not in log  # ...without the input
