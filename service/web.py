@@ -1,7 +1,9 @@
-"""The service's GET routes, as a Starlette app mounted into the BentoML service (issue 9, section 2).
+"""The service's GET routes, as a FastAPI app mounted into the BentoML service (issue 9, section 2).
 
 An ``@bentoml.api`` route answers POST only, so the feedback stream, the models list, job status
-and results, stored images and the ``/ui`` page live here. Every handler is async and does its
+and results, stored images and the ``/ui`` page live here. FastAPI rather than bare Starlette because
+BentoML merges a mounted FastAPI app's OpenAPI paths into its own ``/docs.json``: clients and the
+schemathesis test see every route with its bounded parameters. Every handler is async and does its
 database work in a worker thread, so none of them waits behind a running generation.
 """
 
@@ -10,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from pathlib import Path
 
-from starlette.applications import Starlette
+from typing import Literal
+
+from fastapi import FastAPI, Query
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 log = logging.getLogger("cxrgen.service")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -31,47 +35,32 @@ def error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw[:40]!r}") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"{name}: must be in [{lo}, {hi}], got {v}")
-    return v
+app = FastAPI(title="cxrgen GET routes", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def bool_param(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    if raw.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"{name}: expected true or false, got {raw[:40]!r}")
-
-
-def _field(e: ValueError) -> str:
-    return str(e).split(":", 1)[0]
+@app.exception_handler(RequestValidationError)
+async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 naming the parameter (as the POST routes do), without echoing its value."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    field = str(errors[0]["loc"][-1]) if errors and errors[0]["loc"] else None
+    return JSONResponse({"error": errors[0]["msg"] if errors else "invalid request", "field": field,
+                         "detail": errors}, status_code=400)
 
 
 # ------------------------------------------------------------------ feedback
 
+NDJSON = {200: {"content": {"application/x-ndjson": {}}, "description": "one event per line, then a status line"}}
 
-async def stream(request: Request) -> Response:
-    """NDJSON of every event after ``after``, read and sent a page at a time, then a final status line."""
+
+@app.get("/feedback/stream", response_class=StreamingResponse, responses=NDJSON)
+async def stream(after: int = Query(0, ge=0, le=2**62, description="cursor: events with seq > after"),
+                 images: bool = Query(True, description="generations carry their PNG as base64"),
+                 limit: int = Query(0, ge=0, le=10**9, description="at most this many events (0: all)")):
+    """Every feedback event after the cursor as NDJSON (the format of `cxrgen feedback export`), read and
+    sent a page at a time; the last line is {"kind": "end", "events", "cursor"} (or {"kind": "error"}),
+    so a client can tell a complete stream from a cut one and resume from the cursor."""
     from training.feedback.exchange import iter_export
 
-    try:
-        after = int_param(request, "after", 0, 0, 2**62)
-        images = bool_param(request, "images", True)
-        limit = int_param(request, "limit", 0, 0, 10**9)
-    except ValueError as e:
-        return error(400, str(e), _field(e))
     store = RUNTIME["store"]
 
     async def lines():
@@ -95,59 +84,56 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-async def criteria(_: Request) -> Response:
+@app.get("/feedback/criteria")
+async def criteria() -> dict:
+    """The criteria a rating can mark as failed, in order."""
     from training.feedback.models import CRITERIA
 
-    return JSONResponse({"criteria": list(CRITERIA)})
+    return {"criteria": list(CRITERIA)}
 
 
 def _item(g) -> dict:
     return {"id": g.id, "prompt": g.prompt, "findings": g.findings, "image_url": f"/generations/{g.id}/image.png"}
 
 
-async def queue(request: Request) -> Response:
+@app.get("/feedback/queue")
+async def queue(rater: str = Query(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.@-]+$"),
+                mode: Literal["rate", "compare"] = "rate", limit: int = Query(10, ge=1, le=100)) -> dict:
     """What a rater has not rated (mode=rate) or compared (mode=compare) yet: the rating page's work list."""
-    rater = request.query_params.get("rater", "")
-    mode = request.query_params.get("mode", "rate")
-    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,255}", rater):
-        return error(400, "rater: 1-255 characters of letters, digits, _ . @ -", "rater")
-    if mode not in ("rate", "compare"):
-        return error(400, f"mode: expected rate or compare, got {mode[:20]!r}", "mode")
-    try:
-        limit = int_param(request, "limit", 10, 1, 100)
-    except ValueError as e:
-        return error(400, str(e), "limit")
     store = RUNTIME["store"]
     if mode == "rate":
         gens = await asyncio.to_thread(store.unrated, rater, limit)
-        return JSONResponse({"items": [_item(g) for g in gens]})
+        return {"items": [_item(g) for g in gens]}
     pairs = await asyncio.to_thread(store.uncompared_pairs, rater, limit)
-    return JSONResponse({"items": [{"prompt": a.prompt, "findings": a.findings, "a": _item(a), "b": _item(b)}
-                                   for a, b in pairs]})
+    return {"items": [{"prompt": a.prompt, "findings": a.findings, "a": _item(a), "b": _item(b)} for a, b in pairs]}
 
 
-async def image(request: Request) -> Response:
+@app.get("/generations/{gid}/image.png", response_class=Response,
+         responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such generation"}})
+async def image(gid: int = PathParam(ge=1, le=2**62)):
+    """A stored generation's PNG (with its provenance chunks)."""
     from training.feedback.errors import UnknownReference
 
-    gid = int(request.path_params["gid"])
     try:
         data = await asyncio.to_thread(RUNTIME["store"].image_bytes, gid)
     except (UnknownReference, FileNotFoundError):
-        return error(404, f"no generation with id {gid}", "id")
+        return error(404, f"no generation with id {gid}", "gid")
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 # ------------------------------------------------------------------ models and jobs
 
 
-async def models(_: Request) -> Response:
+@app.get("/models")
+async def models():
+    """The generator being served (version, source, parent, evaluation), the reward models' versions and
+    the checkpoints registered in the BentoML model store."""
     engine = RUNTIME["engine"]
     if engine.model is None:
         return error(503, "models are still loading")
     rewards = await asyncio.to_thread(engine.reward_versions)
     registered = await asyncio.to_thread(_bento_models)
-    return JSONResponse({"serving": engine.model.info(), "rewards": rewards, "registered": registered,
-                         "ready": engine.ready})
+    return {"serving": engine.model.info(), "rewards": rewards, "registered": registered, "ready": engine.ready}
 
 
 def _bento_models() -> list[dict]:
@@ -170,39 +156,37 @@ def job_view(job) -> dict:
             "created": job.created, "updated": job.updated, "spec": job.spec}
 
 
-async def job_status(request: Request) -> Response:
-    job = await asyncio.to_thread(RUNTIME["jobs"].get, request.path_params["job"])
-    if job is None:
-        return error(404, f"no job {request.path_params['job'][:64]!r}", "job")
-    return JSONResponse(job_view(job))
+JobId = PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
-async def job_result(request: Request) -> Response:
-    job = await asyncio.to_thread(RUNTIME["jobs"].get, request.path_params["job"])
-    if job is None:
-        return error(404, f"no job {request.path_params['job'][:64]!r}", "job")
-    if job.state != "done":
-        return error(409, f"job {job.id} is {job.state}" + (f": {job.error}" if job.error else ""), "job")
-    path = Path(job.result)
+@app.get("/augment/{job}")
+async def job_status(job: str = JobId):
+    """An augmentation batch: state (queued, running, done, failed), progress, acceptance rate, error."""
+    rec = await asyncio.to_thread(RUNTIME["jobs"].get, job)
+    if rec is None:
+        return error(404, f"no job {job!r}", "job")
+    return job_view(rec)
+
+
+@app.get("/augment/{job}/result", response_class=FileResponse,
+         responses={200: {"content": {"application/gzip": {}}}, 409: {"description": "not done"}})
+async def job_result(job: str = JobId):
+    """The finished batch as .tar.gz: MIMIC-CXR-JPG layout, reports, label tables, manifest.json."""
+    rec = await asyncio.to_thread(RUNTIME["jobs"].get, job)
+    if rec is None:
+        return error(404, f"no job {job!r}", "job")
+    if rec.state != "done":
+        return error(409, f"job {rec.id} is {rec.state}" + (f": {rec.error}" if rec.error else ""), "job")
+    path = Path(rec.result)
     if not path.is_file():
-        return error(410, f"job {job.id}: its result archive is gone from the server", "job")
-    return FileResponse(path, media_type="application/gzip", filename=f"cxrgen-augment-{job.id}.tar.gz")
+        return error(410, f"job {rec.id}: its result archive is gone from the server", "job")
+    return FileResponse(path, media_type="application/gzip", filename=f"cxrgen-augment-{rec.id}.tar.gz")
 
 
-async def ui(_: Request) -> Response:
+@app.get("/ui", response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})
+async def ui():
+    """The expert rating page."""
     page = STATIC / "ui.html"
     if not page.is_file():
         return error(404, "the rating page is not installed")
     return FileResponse(page, media_type="text/html")
-
-
-app = Starlette(routes=[
-    Route("/feedback/stream", stream, methods=["GET"]),
-    Route("/feedback/criteria", criteria, methods=["GET"]),
-    Route("/feedback/queue", queue, methods=["GET"]),
-    Route("/generations/{gid:int}/image.png", image, methods=["GET"]),
-    Route("/models", models, methods=["GET"]),
-    Route("/augment/{job:str}", job_status, methods=["GET"]),
-    Route("/augment/{job:str}/result", job_result, methods=["GET"]),
-    Route("/ui", ui, methods=["GET"]),
-])

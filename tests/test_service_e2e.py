@@ -94,3 +94,70 @@ def test_server_log_holds_no_prompt_text(live_service):
     log = live_service.log.read_text(errors="replace")
     assert "rejected request" in log  # the errors were logged...
     assert marker not in log  # ...without the input
+
+
+def test_a_job_running_at_a_crash_is_reported_failed_after_restart(tmp_path):
+    """BentoML deletes its task database at start; cxrgen's job row survives and says what happened."""
+    import time
+
+    from service_support import start_live
+
+    root = tmp_path / "srv"
+    live = start_live(root, workers=1, CXRGEN_WARMUP=0)
+    try:
+        with live.client("client") as c:
+            task = c.post("/augment", json={"count": 400, "labels": {"edema": 1}, "steps": 2, "size": 64}).json()
+            task = task["task_id"]
+            for _ in range(240):
+                r = c.get(f"/augment/{task}")
+                if r.status_code == 200 and r.json()["state"] == "running" and r.json()["done"] > 0:
+                    break
+                time.sleep(0.25)
+            assert r.json()["state"] == "running", r.text
+    finally:  # a crash, not a graceful stop: the server and its workers (each in its own session) at once
+        import psutil
+
+        server = psutil.Process(live.proc.pid)
+        for p in [*server.children(recursive=True), server]:
+            p.kill()
+        live.proc.wait(30)
+    again = start_live(root, workers=1, CXRGEN_WARMUP=0)
+    try:
+        with again.client("client") as c:
+            job = c.get(f"/augment/{task}").json()
+        assert job["state"] == "failed" and "interrupted" in job["error"] and job["done"] > 0, job
+    finally:
+        again.stop()
+
+
+def test_bentoml_build_and_serve_the_bento(tmp_path):
+    import re
+
+    import httpx
+
+    from service_support import KEYS_ENV, auth, free_port, service_env, wait_ready
+
+    env = {**os.environ, **service_env(tmp_path, CXRGEN_WARMUP=0)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    built = subprocess.run([bentoml, "build", ".", "--output", "tag"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    tag = re.search(r"__tag__:(\S+)", built.stdout).group(1)
+    assert tag.startswith("cxrgen:")
+    bento = Path(tmp_path / "bentoml" / "bentos" / "cxrgen" / tag.split(":")[1])
+    assert (bento / "src" / "models" / "default" / "unet").is_dir() and (bento / "src" / "service" / "static"
+                                                                        / "ui.html").is_file()
+    port = free_port()
+    proc = subprocess.Popen([bentoml, "serve", tag, "--port", str(port)], cwd=tmp_path,
+                            env={**env, "CXRGEN_API_KEYS": KEYS_ENV}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            wait_ready(c.get)
+            r = c.post("/generate", json={"prompt": "Cardiomegaly.", "steps": 2}, headers=auth("client"))
+            assert r.status_code == 200, r.text
+            assert r.json()["model_version"] == "tiny-cpu-v2.2"
+    finally:
+        proc.terminate()
+        proc.wait(30)
