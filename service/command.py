@@ -40,11 +40,20 @@ def run_import(args) -> int:
 
     manifest = Manifest.read(folder)
     meta = jsonable(dataclasses.asdict(manifest)) if manifest else {"version": folder.name}
-    meta = {k: v for k, v in meta.items() if v is not None}
+    meta = _no_nones(meta)
     with bentoml.models.create(args.name, metadata=meta, labels={"source": "cxrgen"}) as model:
         shutil.copytree(folder, model.path, dirs_exist_ok=True)
     print(json.dumps({"tag": str(model.tag), "version": meta.get("version"), "path": str(model.path)}))
     return 0
+
+
+def _no_nones(x):
+    """BentoML model metadata takes basic types only: drop None values, at any depth."""
+    if isinstance(x, dict):
+        return {str(k): _no_nones(v) for k, v in x.items() if v is not None}
+    if isinstance(x, (list, tuple)):
+        return [_no_nones(v) for v in x if v is not None]
+    return x
 
 
 def register_augment(sub: argparse._SubParsersAction) -> None:

@@ -106,12 +106,14 @@ class CXRGen:
             if stored is not None:
                 return stored
         try:
-            images, model = await asyncio.wrap_future(
-                self.engine.submit([prompt] * req.n, [req.negative_prompt] * req.n, seeds, settings))
+            images, model, scored = await asyncio.wrap_future(self.engine.submit(
+                [prompt] * req.n, [req.negative_prompt] * req.n, seeds, settings, [findings] * req.n))
         except Exception as e:
             log.error("generation failed: %s", type(e).__name__)
             return error(503, f"generation failed on the server ({type(e).__name__}); retry later")
-        out = await asyncio.to_thread(self._finish, req, prompt, findings, seeds, images, model.version,
+        if not req.score:
+            scored = [({}, {}) for _ in seeds]
+        out = await asyncio.to_thread(self._finish, req, prompt, findings, seeds, images, scored, model.version,
                                       model.path)
         self.metrics.generated(req.n, endpoint)
         return out
@@ -133,11 +135,10 @@ class CXRGen:
         return {"steps": req.steps, "guidance_scale": req.guidance, "scheduler": req.scheduler,
                 "negative_prompt": req.negative_prompt, "height": size, "width": size}
 
-    def _finish(self, req, prompt, findings, seeds, images, version, path) -> GenerateResponse:
-        """Score, encode with provenance, store; the response."""
+    def _finish(self, req, prompt, findings, seeds, images, scored, version, path) -> GenerateResponse:
+        """Encode with provenance and scores, store; the response (no torch work here: see Engine.submit)."""
         from training.provenance import Provenance, encode
 
-        scored = self.engine.score(images, [prompt] * len(seeds), [findings] * len(seeds))
         size = int(images.shape[-1])
         out = []
         for i, (img, seed, (scores, agree)) in enumerate(zip(images, seeds, scored)):
@@ -258,9 +259,9 @@ class CXRGen:
         settings = self.engine.settings(spec.steps, spec.guidance, spec.scheduler, spec.size)
 
         def sample(prompts, findings, seeds):
-            images, model = self.engine.generate_sync(prompts, [""] * len(prompts), seeds, settings)
+            images, _, scored = self.engine.generate_sync(prompts, [""] * len(prompts), seeds, settings, findings)
             self.metrics.generated(len(prompts), "augment")
-            return images, [s for s, _ in self.engine.score(images, prompts, findings)]
+            return images, [s for s, _ in scored]
 
         manifest = run(spec, folder, sample, progress=lambda done, sampled: self.jobs.progress(job_id, done, sampled),
                        model_version=self.engine.model.version)

@@ -82,7 +82,7 @@ def live_service(tmp_path_factory):
     try:
         with live.client("client") as c:
             for prompt in ("Small left pleural effusion.", "No acute cardiopulmonary process."):
-                r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": 11, "steps": 3})
+                r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": 11, "steps": 25})
                 assert r.status_code == 200, r.text
         yield live
     finally:

@@ -375,3 +375,47 @@ def test_serve_requirements_match_the_project():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     lines = [x for x in (REPO / "requirements-serve.txt").read_text().splitlines() if x and not x.startswith("#")]
     assert lines == deps
+
+
+def test_feedback_and_health_do_not_wait_behind_a_generation(service_app):
+    """Every route is async: while a long generation runs, feedback, the stream and health answer."""
+    ids = [im["id"] for im in gen(service_app, prompt="Cardiomegaly.", n=2, seed=3, steps=1).json()["images"]]
+    result = {}
+    slow = threading.Thread(target=lambda: result.update(r=gen(service_app, prompt="Mild pulmonary edema.", n=8,
+                                                                 steps=60, seed=1)))
+    slow.start()
+    import time
+
+    time.sleep(0.5)  # let the generation reach the batch worker
+    assert slow.is_alive()
+    assert service_app.get("/livez").status_code == 200
+    assert service_app.get("/feedback/stream?after=0&images=false&limit=5", headers=auth("trainer")).status_code == 200
+    r = service_app.post("/feedback/rating", json={"generation_id": ids[0], "rater_id": "fast", "plausible": True},
+                         headers=auth("rater"))
+    assert r.status_code == 200
+    assert slow.is_alive(), "the generation finished first: the test proves nothing (make it longer)"
+    slow.join()
+    assert result["r"].status_code == 200
+
+
+def test_import_registers_a_checkpoint_the_service_then_serves(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    res = subprocess.run([str(Path(sys.executable).parent / "cxrgen"), "import", str(REPO / "models" / "default")],
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ})
+    assert res.returncode == 0, res.stderr
+    tag = json.loads(res.stdout)["tag"]
+    assert tag.startswith("cxrgen-generator:")
+    # In a fresh process (BentoML caches its home per process): with no CXRGEN_MODEL the service takes the
+    # newest registered checkpoint.
+    probe = ("from service.engine import load_model, resolve_source; s, f = resolve_source(None); "
+             "print(s, (f / 'unet').is_dir(), load_model(s, 'cpu').version)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"bento:{tag}", "True", "tiny-cpu-v2.2"]
+    bad = subprocess.run([str(Path(sys.executable).parent / "cxrgen"), "import", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a checkpoint" in bad.stderr
