@@ -52,6 +52,14 @@ class Sampling(Strict):
     scheduler: Literal[tuple(sorted(SCHEDULERS))] = "ddim"  # type: ignore[valid-type]
     size: Optional[int] = Field(None, ge=64, le=512, multiple_of=8, description="image side (default: the model's)")
 
+    def check_work(self, count: int, what: str, budget: float, advice: str) -> None:
+        """ValueError when count x steps x size^2 passes the budget (no size given counts as 256 px)."""
+        size = self.size or 256
+        work = count * self.steps * size * size
+        if work > budget:
+            raise ValueError(f"{what} x steps x size^2 = {work:.3g} exceeds this server's budget {budget:.3g}: "
+                             f"{advice}")
+
 
 class GenerateRequest(Sampling):
     prompt: Optional[str] = Field(None, max_length=MAX_PROMPT, description="report text")
@@ -67,11 +75,7 @@ class GenerateRequest(Sampling):
     def _prompt_or_findings(self) -> "GenerateRequest":
         if not (self.prompt and self.prompt.strip()) and not self.findings:
             raise ValueError("give a prompt, findings, or both")
-        size = self.size or 256
-        work = self.n * self.steps * size * size
-        if work > Limits.max_work:
-            raise ValueError(f"n x steps x size^2 = {work:.3g} exceeds this server's work budget "
-                             f"{Limits.max_work:.3g}: ask for fewer images, steps or pixels")
+        self.check_work(self.n, "n", Limits.max_work, "ask for fewer images, steps or pixels")
         return self
 
 
@@ -141,11 +145,7 @@ class AugmentRequest(Sampling):
     @model_validator(mode="after")
     def _spec(self) -> "AugmentRequest":
         self.to_spec().validate()  # ValueError names the field
-        size = self.size or 256
-        work = self.count * self.steps * size * size
-        if work > Limits.max_job_work:
-            raise ValueError(f"count x steps x size^2 = {work:.3g} exceeds this server's batch budget "
-                             f"{Limits.max_job_work:.3g}: split the batch or ask for fewer steps or pixels")
+        self.check_work(self.count, "count", Limits.max_job_work, "split the batch or ask for fewer steps or pixels")
         return self
 
     def to_spec(self):

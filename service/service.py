@@ -200,8 +200,7 @@ class CXRGen:
         def run():
             self.store.add_rater(rater_id, "expert", "registered by the cxrgen service on first feedback")
             rid = write()
-            records = self.store.ratings() if kind == "rating" else self.store.comparisons()
-            return next(r.to_dict() for r in reversed(records) if r.id == rid)
+            return (self.store.rating(rid) if kind == "rating" else self.store.comparison(rid)).to_dict()
 
         try:
             rec = await asyncio.to_thread(run)

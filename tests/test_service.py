@@ -419,3 +419,25 @@ def test_import_registers_a_checkpoint_the_service_then_serves(tmp_path, monkeyp
     bad = subprocess.run([str(Path(sys.executable).parent / "cxrgen"), "import", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a checkpoint" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_engine_runs_fp16_with_an_fp32_vae():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from service.config import ServeConfig
+    from service.engine import Engine
+
+    eng = Engine(ServeConfig(device="auto", warmup=False))
+    eng.start()
+    try:
+        m = eng.model
+        assert m.device == "cuda" and m.backend == "torch-cuda-fp16"
+        assert m.pipe.unet.dtype == torch.float16 and m.pipe.vae.dtype == torch.float32
+        images, _, scored = eng.generate_sync(["Cardiomegaly."] * 2, ["", ""], [0, 1], eng.settings(10, 4.0, "ddim", None),
+                                              [[{"kind": "cardiomegaly"}]] * 2)
+        assert images.shape == (2, 128, 128) and np.isfinite(images).all() and images.std() > 0.02
+        assert all(0 <= s["plausibility"] <= 1 for s, _ in scored)
+    finally:
+        eng.stop()

@@ -361,6 +361,20 @@ class FeedbackStore:
         with Session(self.engine) as s:
             return self._generation_record(_generation_row(s, gid, "generation_id"))
 
+    def rating(self, rid: int) -> RatingRecord:
+        with Session(self.engine) as s:
+            r = s.get(Rating, rid)
+            if r is None:
+                raise UnknownReference(f"id: no rating with id {rid}")
+            return _rating_record(r)
+
+    def comparison(self, cid: int) -> ComparisonRecord:
+        with Session(self.engine) as s:
+            c = s.get(Comparison, cid)
+            if c is None:
+                raise UnknownReference(f"id: no comparison with id {cid}")
+            return _comparison_record(c)
+
     def generations(self, ids: Iterable[int] | None = None) -> list[GenerationRecord]:
         """Generations with these ids (in that order), or all of them in id order."""
         with Session(self.engine) as s:
