@@ -5,28 +5,16 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from micro_model import micro_checkpoint
 from training.generation import parse_finding
-from training.model.checkpoint import Manifest, save_checkpoint
-from training.model.components import TinyModelConfig, build_pipeline, train_tokenizer
 from training.provenance import read_dicom_provenance, read_png_provenance
-
-MICRO = TinyModelConfig(image_size=32, vae_channels=(8, 8, 16, 16), unet_channels=(16, 32), unet_head_dim=4,
-                        text_hidden=16, text_layers=1, text_heads=2, text_intermediate=32, max_length=32,
-                        vocab_size=500)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from training.data.reports import load_reports
-
-    tok = train_tokenizer([r.prompt for r in load_reports()[:400]], MICRO.vocab_size, MICRO.max_length)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(build_pipeline(MICRO, tok), folder, Manifest(version="micro-v1", stage="init"))
-    return folder
+    return micro_checkpoint(tmp_path_factory.mktemp("model") / "ckpt")
 
 
 def cli(*args):

@@ -124,7 +124,11 @@ def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None):
     except Exception as e:  # diffusers raises many types; name the folder and the cause
         raise CheckpointError(f"cannot load {folder}: {type(e).__name__}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), manifest
+    pipe = pipe.to(device)
+    from ..align.ace import attach_if_present
+
+    attach_if_present(pipe, folder)  # an aligned checkpoint's condition tokens (issue 8), used by every consumer
+    return pipe, manifest
 
 
 def save_checkpoint(pipe, folder: str | Path, manifest: Manifest) -> Path:

@@ -1,0 +1,165 @@
+"""Alignment primitives (issue 8, section 4): DDPO log-probabilities against the scheduler, PPO clipping,
+per-prompt advantages, RLCF, RWL weighting, the DPO loss sign, DRaFT's gradient path and ACE tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from training.align.ddim import ddim_step_with_logprob
+from training.align.objectives import (PerPromptStats, advantages, dpo_loss, ppo_loss, relative_rewards,
+                                       rwl_loss)
+from micro_model import MICRO, micro_checkpoint
+from training.model.checkpoint import load_pipeline
+
+def scheduler(steps=10, clip=False):
+    s = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      clip_sample=clip, set_alpha_to_one=False, steps_offset=1)  # SD 1.x's, as the models
+    s.set_timesteps(steps)
+    return s
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_step_matches_the_scheduler_and_its_gaussian(clip):
+    sched = scheduler(clip=clip)
+    torch.manual_seed(0)
+    x, e = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    for t in sched.timesteps[[0, 4, -1]]:
+        noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(int(t)))
+        ref = sched.step(e, t, x, eta=0.7, variance_noise=noise).prev_sample
+        ours, lp = ddim_step_with_logprob(sched, e, t, x, eta=0.7, generator=torch.Generator().manual_seed(int(t)))
+        assert torch.allclose(ours, ref, atol=1e-5)
+        # The log-probability is the step's Gaussian density, averaged over dimensions.
+        prev_t = int(t) - 1000 // 10  # (t - 100 < 0 at the last step: the final alpha)
+        a_t = sched.alphas_cumprod[int(t)]
+        a_p = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        std = 0.7 * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+        mean = ref - std * noise
+        want = torch.distributions.Normal(mean, std).log_prob(ref).mean(dim=(1, 2, 3))
+        assert torch.allclose(lp, want, atol=1e-4)
+        # Scoring a given sample gives the same number, and the sampled point is likelier than a shifted one.
+        _, again = ddim_step_with_logprob(sched, e, t, x, eta=0.7, prev_sample=ref)
+        _, worse = ddim_step_with_logprob(sched, e, t, x, eta=0.7, prev_sample=mean + 3 * std)
+        assert torch.allclose(again, lp, atol=1e-5) and (worse < again).all()
+    with pytest.raises(ValueError):
+        ddim_step_with_logprob(sched, e, sched.timesteps[0], x, eta=0.0)
+    zero = scheduler()
+    zero.config.steps_offset = 0
+    zero.set_timesteps(10)  # last timestep 0: alpha_t = alpha_{t-1}, a step with no variance
+    with pytest.raises(ValueError, match="deterministic"):
+        ddim_step_with_logprob(zero, e, zero.timesteps[-1], x, eta=1.0)
+
+
+def test_ppo_clipping():
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    old = torch.zeros(4)
+    new = torch.tensor([0.5, 0.5, -0.5, -0.5], requires_grad=True)  # ratios e^0.5, e^0.5, e^-0.5, e^-0.5
+    loss, info = ppo_loss(new, old, adv, clip_range=0.2)
+    loss.backward()
+    # Past the clip in the direction the advantage favours, the gradient is zero; against it, it is not.
+    assert new.grad[0] == 0 and new.grad[3] == 0
+    assert new.grad[1] != 0 and new.grad[2] != 0
+    assert info["clipfrac"] == 1.0 and info["approx_kl"] == pytest.approx(0.125)
+    same, _ = ppo_loss(old.clone(), old, adv)
+    assert same.item() == pytest.approx(-adv.mean().item())
+
+
+def test_advantages_are_normalised_per_prompt():
+    prompts = ["a", "a", "b", "b"]
+    rewards = torch.tensor([1.0, 3.0, 100.0, 102.0])
+    adv = advantages(prompts, rewards)
+    assert torch.allclose(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-4)  # b's scale does not leak into a
+    stats = PerPromptStats(buffer_size=4, min_count=4)
+    stats.update(["a", "a"], torch.tensor([0.0, 0.0]))  # too few for a: the batch's statistics are used
+    adv2 = stats.update(["a", "a"], torch.tensor([2.0, 2.0]))  # now 4 in a's buffer: mean 1, std 1
+    assert torch.allclose(adv2, torch.tensor([1.0, 1.0]), atol=1e-4)
+    assert advantages(["x", "x"], torch.tensor([0.0, 1e9])).abs().max() <= 5.0
+
+
+def test_rlcf_rewards_are_relative_to_the_anchor():
+    policy, anchor = torch.tensor([0.8, 0.3]), torch.tensor([0.5, 0.5])
+    assert torch.allclose(relative_rewards(policy, anchor), torch.tensor([0.3, -0.2]))
+    with pytest.raises(ValueError):
+        relative_rewards(policy, torch.zeros(3))
+
+
+def test_rwl_weights_each_generated_image_by_its_reward():
+    real, gen = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 4.0], requires_grad=True)
+    loss = rwl_loss(real, gen, torch.tensor([1.0, 0.0]), beta=0.3)
+    assert loss.item() == pytest.approx(0.3 * 1.0 + (2.0 * 1 + 4.0 * 0) / 2)
+    loss.backward()
+    assert gen.grad.tolist() == [0.5, 0.0]  # an image with reward 0 teaches nothing
+
+
+def test_dpo_loss_sign():
+    ref = torch.tensor([1.0])
+    # The model denoises the winner better than the reference does and the loser worse: the loss drops.
+    good = dpo_loss(torch.tensor([0.5]), torch.tensor([1.5]), ref, ref, beta=1.0)
+    neutral = dpo_loss(ref, ref, ref, ref, beta=1.0)
+    bad = dpo_loss(torch.tensor([1.5]), torch.tensor([0.5]), ref, ref, beta=1.0)
+    assert good < neutral < bad and neutral.item() == pytest.approx(math.log(2))
+
+
+@pytest.fixture(scope="module")
+def micro_pipe(tmp_path_factory):
+    folder = micro_checkpoint(tmp_path_factory.mktemp("align") / "ckpt", "micro", reports=300)
+    pipe, _ = load_pipeline(folder)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe, folder
+
+
+def test_trajectory_logprobs_are_rescored_identically(micro_pipe):
+    from training.align.sampling import sample_with_logprob, step_logprob
+
+    pipe, _ = micro_pipe
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    traj = sample_with_logprob(pipe, ["left pleural effusion", "normal"], gens, steps=4, guidance=3.0)
+    assert traj.latents.shape[:2] == (2, 5) and traj.log_probs.shape == (2, 4)
+    with torch.no_grad():
+        for j in range(4):  # the same model re-scores its own trajectory to the same log-probabilities
+            assert torch.allclose(step_logprob(pipe, traj, j, 3.0), traj.log_probs[:, j], atol=1e-4)
+
+
+def test_draft_gradients_flow_only_through_the_last_k_steps(micro_pipe):
+    from training.align.sampling import decode, sample_draft
+
+    pipe, _ = micro_pipe
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    try:
+        x0 = sample_draft(pipe, ["cardiomegaly"], [torch.Generator().manual_seed(0)], steps=5, guidance=2.0, k=2)
+    finally:
+        hook.remove()
+    assert calls == [False, False, False, True, True]
+    pipe.unet.zero_grad()
+    decode(pipe, x0).mean().backward()
+    grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    pipe.unet.zero_grad()
+    with pytest.raises(ValueError):
+        sample_draft(pipe, ["x"], [torch.Generator()], steps=5, guidance=2.0, k=0)
+
+
+def test_ace_tokens_are_saved_loaded_and_used(micro_pipe, tmp_path):
+    import shutil
+
+    from training.align.ace import FILE, ConditionTokens
+    from training.generation import generate
+
+    pipe, folder = micro_pipe
+    plain = generate(pipe, ["cardiomegaly"], 0, 3, 3.0, "", 1, 32)
+    tokens = ConditionTokens(4, MICRO.text_hidden, init_std=1.0)
+    aligned = tmp_path / "aligned"
+    shutil.copytree(folder, aligned)
+    tokens.save(aligned)
+    assert (aligned / FILE).is_file()
+    assert torch.equal(ConditionTokens.load(aligned).tokens, tokens.tokens.detach())
+    pipe2, _ = load_pipeline(aligned)  # every consumer of load_pipeline gets them
+    cond, uncond = pipe2.encode_prompt(["cardiomegaly"], "cpu", 1, True, None)
+    assert cond.shape[1] == uncond.shape[1] == MICRO.max_length + 4
+    assert torch.equal(cond[0, -4:], tokens.tokens.detach()) and uncond[0, -4:].abs().sum() == 0
+    with_ace = generate(pipe2, ["cardiomegaly"], 0, 3, 3.0, "", 1, 32)
+    assert abs(with_ace - plain).max() > 1e-3  # the tokens change the image
