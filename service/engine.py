@@ -61,8 +61,8 @@ class Model:
         return {"version": self.version, "source": self.source, "path": self.path, "device": self.device,
                 "backend": self.backend, "native_size": self.native_size,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-                "parent": self.manifest.get("parent"), "method": self.manifest.get("method"),
-                "evaluation": self.manifest.get("evaluation")}
+                "stage": self.manifest.get("stage"), "parent": self.manifest.get("parent_version"),
+                "created": self.manifest.get("created"), "metrics": self.manifest.get("metrics", {})}
 
 
 def resolve_source(source: str | None) -> tuple[str, Path]:

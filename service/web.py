@@ -126,7 +126,7 @@ async def image(gid: int = PathParam(ge=1, le=2**62)):
 
 @app.get("/models")
 async def models():
-    """The generator being served (version, source, parent, evaluation), the reward models' versions and
+    """The generator being served (version, source, stage, parent, metrics), the reward models' versions and
     the checkpoints registered in the BentoML model store."""
     engine = RUNTIME["engine"]
     if engine.model is None:

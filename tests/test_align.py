@@ -3,6 +3,7 @@ per-prompt advantages, RLCF, RWL weighting, the DPO loss sign, DRaFT's gradient 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -140,7 +141,7 @@ def test_draft_gradients_flow_only_through_the_last_k_steps(micro_pipe):
     assert grads and any(g.abs().sum() > 0 for g in grads)
     pipe.unet.zero_grad()
     with pytest.raises(ValueError):
-        sample_draft(pipe, ["x"], [torch.Generator()], steps=5, guidance=2.0, k=0)
+        sample_draft(pipe, ["x"], [torch.Generator()], steps=5, guidance=2.0, k=6)
 
 
 def test_ace_tokens_are_saved_loaded_and_used(micro_pipe, tmp_path):
@@ -163,3 +164,99 @@ def test_ace_tokens_are_saved_loaded_and_used(micro_pipe, tmp_path):
     assert torch.equal(cond[0, -4:], tokens.tokens.detach()) and uncond[0, -4:].abs().sum() == 0
     with_ace = generate(pipe2, ["cardiomegaly"], 0, 3, 3.0, "", 1, 32)
     assert abs(with_ace - plain).max() > 1e-3  # the tokens change the image
+
+
+def test_a_ddpo_iteration_moves_log_probabilities_along_the_advantages(micro_pipe):
+    """PPO's first-order effect: trajectories with positive advantage become likelier, negative ones less."""
+    import copy
+    import random
+
+    from peft import LoraConfig
+
+    from training.align import ddpo
+    from training.align.objectives import PerPromptStats
+    from training.align.sampling import step_logprob
+
+    base, _ = micro_pipe
+    pipe = copy.deepcopy(base)
+    pipe.unet.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    cfg = ddpo.DDPOConfig(steps=3, guidance=2.0, clip_range=10.0, min_count=1)
+    prompts, seeds = ["cardiomegaly"] * 4, [0, 1, 2, 3]
+    brightness = lambda im, p, f: im.mean(dim=(1, 2, 3))  # noqa: E731  (a toy reward)
+    traj, images = ddpo.collect(pipe, prompts, seeds, cfg)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    ddpo.update(pipe, params, opt, traj, adv, cfg, random.Random(0))
+    with torch.no_grad():
+        new = torch.stack([step_logprob(pipe, traj, j, cfg.guidance) for j in range(3)], 1)
+    gain = (new - traj.log_probs).sum(1)
+    assert (adv * gain).sum() > 0
+    # The whole iteration runs, with and without an anchor (RLCF), and reports what it saw.
+    info = ddpo.iteration(pipe, params, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg)
+    assert {"reward", "loss", "approx_kl", "clipfrac"} <= set(info)
+    info = ddpo.iteration(pipe, params, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg,
+                          anchor=base)
+    assert "anchor_reward" in info
+
+
+def _align_cfg(tmp_path, folder, name, **kw):
+    from training.align.config import AlignConfig
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Moderate left pleural effusion.\nCardiomegaly.\nNo acute cardiopulmonary process.\n")
+    base = dict(out=str(tmp_path / name), model=str(folder), prompts_file=str(prompts), iterations=2,
+                prompts_per_iter=2, images_per_prompt=2, steps=3, guidance=2.0, save_every=1, min_count=1)
+    base.update(kw)
+    return AlignConfig(**base)
+
+
+def test_align_ddpo_rlcf_ace_writes_a_loadable_checkpoint(micro_pipe, tmp_path):
+    from training.align.ace import FILE
+    from training.align.run import align
+    from training.model.checkpoint import Manifest
+
+    _, folder = micro_pipe
+    ckpt = align(_align_cfg(tmp_path, folder, "run", method="ddpo", rlcf=True, ace=True, clip_range=0.2), False)
+    m = Manifest.read(ckpt)
+    assert m.stage == "align:ddpo+rlcf+ace" and m.parent_version == "micro"
+    assert set(m.config["rewards"]) == {"plausibility", "posture", "diagnosis", "consistency"}
+    assert m.metrics["rounds"] == 2 and m.metrics["images_sampled"] == 2 * 4 * 2  # policy + anchor images
+    assert (ckpt / FILE).is_file()
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2] and all("anchor_reward" in r for r in log)
+    pipe, _ = load_pipeline(ckpt)  # no peft needed, and the tokens come back
+    assert pipe.ace.tokens.shape[0] == 4
+    assert not any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_a_resumed_align_run_ends_with_the_same_weights(micro_pipe, tmp_path):
+    from training.align.run import align
+    from training.model.checkpoint import load_pipeline as load
+
+    _, folder = micro_pipe
+    straight = align(_align_cfg(tmp_path, folder, "a", method="draft", draft_k=1, ace=True), False)
+    align(_align_cfg(tmp_path, folder, "b", method="draft", draft_k=1, ace=True, iterations=1), False)
+    resumed = align(_align_cfg(tmp_path, folder, "b", method="draft", draft_k=1, ace=True, iterations=2), False)
+    a, _ = load(straight)
+    b, _ = load(resumed)
+    for (n, x), (_, y) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(x, y), n
+    assert torch.equal(a.ace.tokens, b.ace.tokens)
+    base, _ = load(folder)
+    assert any(not torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), base.unet.state_dict().values()))
+    with pytest.raises(ValueError, match="other settings"):
+        align(_align_cfg(tmp_path, folder, "b", method="draft", draft_k=2, iterations=3), False)
+
+
+def test_align_cli_errors_are_one_line():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x", "--method", "dpo"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x"], capture_output=True, text=True)
+    assert res.returncode == 2 and "prompts-from" in res.stderr and "Traceback" not in res.stderr

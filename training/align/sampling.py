@@ -19,6 +19,7 @@ class Trajectory:
     log_probs: torch.Tensor  # (B, T): log p(x_{t-1} | x_t) under the sampling model
     timesteps: torch.Tensor  # (T,)
     embeds: torch.Tensor  # (2B, L, D) unconditional then conditional prompt embeddings
+    prompts: list  # the prompts (to re-encode with gradients when ACE tokens are trained)
 
 
 def encode(pipe, prompts: Sequence[str], guidance: float) -> torch.Tensor:
@@ -64,13 +65,21 @@ def sample_with_logprob(pipe, prompts: Sequence[str], generators: Sequence[torch
             x, lp = ddim_step_with_logprob(sched, e, t, x, eta=eta, generator=noise_gen)
             lat.append(x)
             lps.append(lp)
-    return Trajectory(torch.stack(lat, 1), torch.stack(lps, 1), sched.timesteps.clone(), embeds)
+    return Trajectory(torch.stack(lat, 1), torch.stack(lps, 1), sched.timesteps.clone(), embeds, list(prompts))
+
+
+def _train_embeds(pipe, prompts, embeds: torch.Tensor, guidance: float) -> torch.Tensor:
+    """With trainable ACE tokens the embeddings are recomputed with gradients; else the sampled ones serve."""
+    ace = getattr(pipe, "ace", None)
+    if ace is None or not ace.tokens.requires_grad:
+        return embeds
+    return encode(pipe, prompts, guidance)
 
 
 def step_logprob(pipe, traj: Trajectory, j: int, guidance: float, eta: float = 1.0) -> torch.Tensor:
     """log p(x_{j+1} | x_j) of a recorded trajectory under the *current* model, with gradients (PPO)."""
     t = traj.timesteps[j]
-    e = eps(pipe, traj.latents[:, j], t, traj.embeds, guidance)
+    e = eps(pipe, traj.latents[:, j], t, _train_embeds(pipe, traj.prompts, traj.embeds, guidance), guidance)
     _, lp = ddim_step_with_logprob(pipe.scheduler, e, t, traj.latents[:, j], eta=eta,
                                    prev_sample=traj.latents[:, j + 1])
     return lp
@@ -79,11 +88,14 @@ def step_logprob(pipe, traj: Trajectory, j: int, guidance: float, eta: float = 1
 def sample_draft(pipe, prompts: Sequence[str], generators: Sequence[torch.Generator], steps: int, guidance: float,
                  k: int, size: int | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) whose last ``k`` steps keep gradients (DRaFT-K, Clark et al. 2023;
-    AlignProp): x_0 latents that back-propagate into the U-Net through those steps only."""
-    if not 1 <= k <= steps:
-        raise ValueError(f"k must be in [1, steps={steps}], got {k}")
+    AlignProp): x_0 latents that back-propagate into the U-Net through those steps only. ``k = 0``:
+    plain deterministic sampling (RLCF's anchor images)."""
+    if not 0 <= k <= steps:
+        raise ValueError(f"k must be in [0, steps={steps}], got {k}")
     sched = pipe.scheduler
     embeds, x = _start(pipe, prompts, generators, steps, guidance, size)
+    if k > 0:
+        embeds = _train_embeds(pipe, prompts, embeds, guidance)
     for i, t in enumerate(sched.timesteps):
         with torch.set_grad_enabled(i >= steps - k):
             x = sched.step(eps(pipe, x, t, embeds, guidance), t, x, eta=0.0).prev_sample

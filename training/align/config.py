@@ -1,0 +1,75 @@
+"""``cxrgen align`` configuration: one dataclass, every field commented, saved in the run folder and in the
+aligned checkpoint's manifest (STYLE.md habit 1). Torch-free, so the CLI starts fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+METHODS = ("ddpo", "draft")  # on-policy methods; rwl and dpo (store-driven) are still to come (issue 8)
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    # -- what and from where --
+    method: str = "ddpo"  # ddpo (policy gradient over the DDIM trajectory) or draft (reward backprop, last K steps)
+    out: str = ""  # run folder: config.json, log.jsonl, state/, checkpoint/
+    model: str | None = None  # checkpoint to align (default: models/default)
+    prompts_from: str | None = None  # a `cxrgen simulate` folder: prompts and true findings of --split
+    prompts_file: str | None = None  # or: .txt (a prompt per line) / .jsonl ({"prompt", "findings"}) prompts
+    split: str = "train"  # split of --prompts-from (held-out prompts stay held out)
+    limit: int = 256  # prompts read from --prompts-from
+    reward_dir: str | None = None  # reward model folders (default: models/rewards)
+    # CXRL's reward: a weighted sum of the CXR rewards (normalised to sum 1)
+    weights: dict = dataclasses.field(default_factory=lambda: {"plausibility": 0.4, "posture": 0.2,
+                                                               "diagnosis": 0.2, "consistency": 0.2})
+    rlcf: bool = False  # CXRL's comparative feedback: reward relative to a frozen anchor's image (same noise)
+    ace: bool = False  # CXRL's adaptive condition embeddings: learnable tokens appended to the text embedding
+    ace_tokens: int = 4  # how many
+    # -- optimisation --
+    iterations: int = 20  # sampling + update rounds
+    prompts_per_iter: int = 4  # distinct prompts per round
+    images_per_prompt: int = 2  # images per prompt per round (per-prompt advantages need several)
+    lr: float = 3e-4  # AdamW learning rate of the LoRA adapters (and ACE tokens)
+    lora_rank: int = 4  # LoRA on the U-Net's attention; full fine-tuning collapses (ddpo-pytorch users' report)
+    max_grad_norm: float = 1.0  # gradient clipping
+    save_every: int = 5  # rounds between resumable states
+    seed: int = 0  # prompts, noise, adapter initialisation
+    device: str = "cpu"  # cpu, cuda, cuda:1
+    version: str | None = None  # the aligned checkpoint's version (default: <parent>+<method>)
+    # -- sampling --
+    steps: int = 10  # DDIM steps of each trajectory
+    guidance: float = 4.0  # classifier-free guidance
+    size: int | None = None  # image side (default: the model's)
+    # -- ddpo (Black et al. 2023; ddpo-pytorch's defaults) --
+    eta: float = 1.0  # DDIM stochasticity: the policy's noise
+    clip_range: float = 1e-4  # PPO ratio clip (log-probabilities are averaged over latent dimensions)
+    adv_clip: float = 5.0  # advantages clipped to +-this
+    buffer: int = 16  # per-prompt reward buffer
+    min_count: int = 16  # rewards a prompt needs before its own statistics are used
+    inner_epochs: int = 1  # PPO passes over each round's trajectories
+    timestep_fraction: float = 1.0  # share of a trajectory's steps trained per pass
+    # -- draft (Clark et al. 2023) --
+    draft_k: int = 1  # steps at the end of sampling that gradients pass through
+
+    def validate(self) -> "AlignConfig":
+        if self.method not in METHODS:
+            raise ValueError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
+        if not self.out:
+            raise ValueError("--out is required")
+        if (self.prompts_from is None) == (self.prompts_file is None):
+            raise ValueError("give exactly one of --prompts-from (a simulated data set) or --prompts-file")
+        for name, lo in (("iterations", 1), ("prompts_per_iter", 1), ("images_per_prompt", 1), ("steps", 1),
+                         ("lora_rank", 1), ("save_every", 1), ("limit", 1), ("ace_tokens", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        if self.method == "ddpo" and self.eta <= 0:
+            raise ValueError("--eta must be > 0 for ddpo (a deterministic step has no log-probability)")
+        if self.method == "draft" and not 1 <= self.draft_k <= self.steps:
+            raise ValueError(f"--draft-k must be in [1, --steps={self.steps}], got {self.draft_k}")
+        if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError("--weights: non-negative weights with a positive sum, e.g. plausibility=0.4,posture=0.2")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)

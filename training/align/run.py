@@ -1,0 +1,203 @@
+"""The ``cxrgen align`` loop for the on-policy methods (issue 8): ddpo (+ rlcf, + ace) and draft.
+
+Phases: 1. load the parent checkpoint, add LoRA adapters (and ACE tokens); 2. each round, draw prompts
+and seeds from the run's seed and the round number (so a resumed run draws what an uninterrupted one
+would), sample, reward, update; 3. log every round to ``log.jsonl`` and save a resumable state every
+``save_every`` rounds; 4. fuse the adapters and save the checkpoint with a manifest naming its parent,
+the method, the reward models and their weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .config import AlignConfig
+
+
+def read_prompts(cfg: AlignConfig) -> list[tuple[str, list]]:
+    from training.generation import read_data_prompts, read_prompts_file
+
+    if cfg.prompts_from:
+        return read_data_prompts(cfg.prompts_from, cfg.split, cfg.limit)
+    return read_prompts_file(cfg.prompts_file)
+
+
+def reward_function(cfg: AlignConfig):
+    """images (N, 1, H, W) in [-1, 1], prompts, findings -> the weighted reward (N,), differentiable (draft
+    backpropagates through it; ddpo calls it under no_grad)."""
+    from training.reward.base import cached_reward
+
+    total = sum(cfg.weights.values())
+    rewards = {n: (cached_reward(n, cfg.reward_dir, cfg.device), w / total) for n, w in cfg.weights.items() if w > 0}
+
+    def fn(images, prompts, findings):
+        from training.reward.data import parse_findings
+
+        found = [parse_findings(f) for f in findings]
+        return sum(w * r.forward(images, list(prompts), found)["score"] for r, w in rewards.values())
+
+    return fn, {n: r.version for n, (r, _) in rewards.items()}
+
+
+def setup(cfg: AlignConfig):
+    """(pipe, trainable params, optimiser, anchor or None, parent version)."""
+    from peft import LoraConfig
+
+    from training.generation import DEFAULT_MODEL
+    from training.model.checkpoint import load_pipeline
+
+    from .ace import ConditionTokens, attach
+
+    pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=cfg.device)
+    pipe.scheduler = __import__("diffusers").DDIMScheduler.from_config(pipe.scheduler.config)
+    anchor = copy.deepcopy(pipe) if cfg.rlcf else None
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if cfg.ace:
+        attach(pipe, ConditionTokens(cfg.ace_tokens, pipe.text_encoder.config.hidden_size))
+    params = trainable(pipe)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    parent = manifest.version if manifest else str(cfg.model)
+    return pipe, params, opt, anchor, parent
+
+
+def trainable(pipe) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter of everything alignment trains: the LoRA adapters and the ACE tokens."""
+    out = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    if getattr(pipe, "ace", None) is not None:
+        out["ace.tokens"] = pipe.ace.tokens
+    return out
+
+
+def round_batch(prompts: list, cfg: AlignConfig, it: int) -> tuple[list[str], list, list[int]]:
+    """The round's prompts (each ``images_per_prompt`` times), findings and seeds: a function of seed and round."""
+    rng = random.Random(cfg.seed * 1_000_003 + it)
+    chosen = rng.sample(prompts, min(cfg.prompts_per_iter, len(prompts)))
+    flat = [p for p in chosen for _ in range(cfg.images_per_prompt)]
+    seeds = [cfg.seed * 10_000_000 + it * 1000 + i for i in range(len(flat))]
+    return [p for p, _ in flat], [[f.to_dict() for f in fs] for _, fs in flat], seeds
+
+
+def draft_round(pipe, params, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig) -> dict:
+    from .sampling import decode, sample_draft
+
+    x0 = sample_draft(pipe, prompts, [torch.Generator().manual_seed(s) for s in seeds], cfg.steps, cfg.guidance,
+                      cfg.draft_k, cfg.size)
+    reward = reward_fn(decode(pipe, x0), prompts, findings)
+    loss = -reward.mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"reward": reward.mean().item(), "loss": loss.item()}
+
+
+def save_state(out: Path, it: int, params: dict, opt, stats, images: int, seconds: float) -> None:
+    state = out / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    blob = {"iteration": it, "params": {k: v.detach().cpu() for k, v in params.items()},
+            "optimizer": opt.state_dict(), "stats": {k: list(v) for k, v in stats.buffers.items()} if stats else {},
+            "images": images, "seconds": seconds}
+    tmp = state / "state.pt.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, state / "state.pt")  # a kill mid-save keeps the previous state
+
+
+def load_state(out: Path, params: dict, opt, stats) -> tuple[int, int, float]:
+    """(rounds done, images sampled, seconds) of a previous run in ``out``; zeros for a new run."""
+    import collections
+
+    path = out / "state" / "state.pt"
+    if not path.is_file():
+        return 0, 0, 0.0
+    blob = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        for k, v in blob["params"].items():
+            params[k].copy_(v)
+    opt.load_state_dict(blob["optimizer"])
+    if stats is not None:
+        stats.buffers = {k: collections.deque(v, maxlen=stats.buffer_size) for k, v in blob["stats"].items()}
+    return blob["iteration"], blob["images"], blob["seconds"]
+
+
+def check_resume(out: Path, cfg: AlignConfig) -> None:
+    saved = out / "config.json"
+    if saved.is_file() and (out / "state" / "state.pt").is_file():
+        old = json.loads(saved.read_text())
+        keep = {"iterations", "save_every", "device", "version"}  # may change between pieces of a run
+        diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in keep and old.get(k) != v)
+        if diff:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); use a new --out")
+
+
+def align(cfg: AlignConfig, progress: bool = True) -> Path:
+    """Run (or resume) an alignment; returns the aligned checkpoint folder."""
+    from . import ddpo
+    from .objectives import PerPromptStats
+
+    cfg.validate()
+    out = Path(cfg.out)
+    check_resume(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    prompts = read_prompts(cfg)
+    reward_fn, versions = reward_function(cfg)
+    pipe, params, opt, anchor, parent = setup(cfg)
+    stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
+    start, images, seconds = load_state(out, params, opt, stats)
+    dcfg = ddpo.DDPOConfig(steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, clip_range=cfg.clip_range,
+                           adv_clip=cfg.adv_clip, buffer=cfg.buffer, min_count=cfg.min_count,
+                           inner_epochs=cfg.inner_epochs, timestep_fraction=cfg.timestep_fraction,
+                           max_grad_norm=cfg.max_grad_norm)
+    with open(out / "log.jsonl", "a") as log:
+        for it in range(start, cfg.iterations):
+            t = time.perf_counter()
+            p, f, s = round_batch(prompts, cfg, it)
+            if cfg.method == "ddpo":
+                info = ddpo.iteration(pipe, list(params.values()), opt, p, f, s, reward_fn, stats, dcfg, anchor,
+                                      random.Random(cfg.seed * 7919 + it))
+            else:
+                info = draft_round(pipe, params, opt, p, f, s, reward_fn, cfg)
+            images += len(p) * (2 if anchor is not None else 1)
+            seconds += time.perf_counter() - t
+            log.write(json.dumps({"iteration": it + 1, "images_sampled": images, "seconds": round(seconds, 2),
+                                  **info}) + "\n")
+            log.flush()
+            if progress:
+                print(f"align {cfg.method} {it + 1}/{cfg.iterations}: reward {info['reward']:.4f}", flush=True)
+            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+                save_state(out, it + 1, params, opt, stats, images, seconds)
+    return finish(pipe, cfg, out, parent, versions, images, seconds)
+
+
+def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float) -> Path:
+    """Fuse the adapters into plain weights, save ACE tokens, write the checkpoint and its manifest."""
+    from training.model.checkpoint import Manifest, save_checkpoint
+
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
+    ace = getattr(pipe, "ace", None)
+    if ace is not None:  # save_pretrained must see the plain encode_prompt; the tokens go in their own file
+        pipe.encode_prompt = pipe._cxrgen_encode_prompt
+    method = cfg.method + ("+rlcf" if cfg.rlcf else "") + ("+ace" if cfg.ace else "")
+    manifest = Manifest(version=cfg.version or f"{parent}+{method}", stage=f"align:{method}", parent_version=parent,
+                        config={"align": dataclasses.asdict(cfg), "rewards": versions,
+                                "reward_weights": cfg.weights},
+                        metrics={"reward_first_round": rows[0]["reward"], "reward_last_round": rows[-1]["reward"],
+                                 "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows)})
+    folder = save_checkpoint(pipe, out / "checkpoint", manifest)
+    if ace is not None:
+        ace.save(folder)
+    return folder
