@@ -255,8 +255,64 @@ def test_align_cli_errors_are_one_line():
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x", "--method", "dpo"],
+    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x", "--method", "magic"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x", "--method", "dpo"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--feedback" in res.stderr
     res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x"], capture_output=True, text=True)
     assert res.returncode == 2 and "prompts-from" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def feedback_store(micro_pipe, tmp_path_factory):
+    """A store with 8 generations of the micro model (4 prompts x 2), ratings and decisive comparisons."""
+    from training.feedback.store import open_store
+    from training.generation import generate
+
+    _, folder = micro_pipe
+    pipe, _ = load_pipeline(folder)
+    root = tmp_path_factory.mktemp("fb")
+    url = f"sqlite:///{root / 'store.db'}"
+    prompts = ["Cardiomegaly.", "Small left pleural effusion.", "Normal chest.", "Right upper lobe pneumonia."]
+    images = generate(pipe, [p for p in prompts for _ in range(2)], 0, 2, 2.0, "", 8, 32)
+    with open_store(url, root / "images") as store:
+        store.add_rater("dr-a", "radiologist")
+        ids = [store.add_generation(image=(im * 255).round().astype("uint8"), prompt=prompts[i // 2], findings=[],
+                                    seed=i, sampler={}, model_version="micro") for i, im in enumerate(images)]
+        for i, gid in enumerate(ids):
+            store.add_rating(generation_id=gid, rater_id="dr-a", plausible=i % 2 == 0)
+        for k in range(0, 8, 2):
+            store.add_comparison(generation_a=ids[k], generation_b=ids[k + 1], preferred="a" if k % 4 == 0 else "b",
+                                 rater_id="dr-a")
+        store.add_comparison(generation_a=ids[1], generation_b=ids[0], preferred="tie", rater_id="dr-a")
+    return url, root
+
+
+def test_align_dpo_and_rwl_learn_from_the_store(micro_pipe, feedback_store, tmp_path, anat):
+    from training.align.offline import read_feedback
+    from training.align.run import align
+    from training.feedback.store import open_store
+    from training.model.checkpoint import Manifest
+    from training.simulator.dataset import SimulateConfig, simulate
+
+    _, folder = micro_pipe
+    url, root = feedback_store
+    with open_store(url, root / "images") as store:
+        fb = read_feedback(store)
+    assert len(fb.rated) == 8 and {r for _, _, r in fb.rated} == {0.0, 1.0}
+    assert len(fb.pairs) == 4  # the tie is left out
+    dpo = align(_align_cfg(tmp_path, folder, "dpo", method="dpo", feedback=url, feedback_blobs=str(root / "images"),
+                           prompts_file=None), False)
+    m = Manifest.read(dpo)
+    assert m.stage == "align:dpo" and m.config["pairs"] == 4 and m.config["feedback_cursor"] == fb.cursor
+    log = [json.loads(x) for x in (tmp_path / "dpo" / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["reward"] <= 1 and math.isfinite(r["loss"]) for r in log)
+    real = tmp_path / "real"
+    simulate(SimulateConfig(out=str(real), n=10, size=128, seed=0, workers=1), progress=False)
+    rwl = align(_align_cfg(tmp_path, folder, "rwl", method="rwl", feedback=url, feedback_blobs=str(root / "images"),
+                           real_data=str(real), prompts_file=None), False)
+    assert Manifest.read(rwl).config["rated"] == 8
+    log = [json.loads(x) for x in (tmp_path / "rwl" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["real_loss"]) and math.isfinite(r["generated_loss"]) for r in log)

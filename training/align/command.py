@@ -10,11 +10,13 @@ from .config import METHODS, AlignConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("align", help="align the generator with the reward models (ddpo, draft)",
-                       description="Align a checkpoint with the CXR reward models: ddpo (policy gradient over the "
-                                   "DDIM trajectory, CXRL; --rlcf: rewards relative to a frozen anchor; --ace: "
-                                   "learnable condition tokens) or draft (reward backpropagation through the last "
-                                   "--draft-k steps). LoRA adapters on the U-Net. Writes OUT/config.json, "
+    p = sub.add_parser("align", help="align the generator with expert feedback (ddpo, draft, rwl, dpo)",
+                       description="Align a checkpoint with expert feedback. On-policy, with the CXR reward models: "
+                                   "ddpo (policy gradient over the DDIM trajectory, CXRL; --rlcf: rewards relative "
+                                   "to a frozen anchor; --ace: learnable condition tokens) or draft (reward "
+                                   "backpropagation through the last --draft-k steps). From stored feedback "
+                                   "(--feedback): rwl (reward-weighted likelihood on rated images plus --real-data) "
+                                   "or dpo (Diffusion-DPO on expert comparisons). LoRA adapters on the U-Net. Writes OUT/config.json, "
                                    "OUT/log.jsonl (reward per round, images sampled), OUT/state/ (resumable: run "
                                    "the same command again) and OUT/checkpoint/ (adapters fused; manifest names the "
                                    "parent, method, rewards and weights).")

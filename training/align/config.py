@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 
-METHODS = ("ddpo", "draft")  # on-policy methods; rwl and dpo (store-driven) are still to come (issue 8)
+METHODS = ("ddpo", "draft", "rwl", "dpo")  # on-policy (sample, reward, update) and store-driven (rwl, dpo)
+ON_POLICY = ("ddpo", "draft")
 
 
 @dataclasses.dataclass
 class AlignConfig:
     # -- what and from where --
-    method: str = "ddpo"  # ddpo (policy gradient over the DDIM trajectory) or draft (reward backprop, last K steps)
+    # ddpo (policy gradient over the DDIM trajectory), draft (reward backprop through the last K steps),
+    # rwl (reward-weighted likelihood on stored rated images), dpo (Diffusion-DPO on stored comparisons)
+    method: str = "ddpo"
     out: str = ""  # run folder: config.json, log.jsonl, state/, checkpoint/
     model: str | None = None  # checkpoint to align (default: models/default)
     prompts_from: str | None = None  # a `cxrgen simulate` folder: prompts and true findings of --split
@@ -20,6 +23,11 @@ class AlignConfig:
     split: str = "train"  # split of --prompts-from (held-out prompts stay held out)
     limit: int = 256  # prompts read from --prompts-from
     reward_dir: str | None = None  # reward model folders (default: models/rewards)
+    feedback: str | None = None  # rwl / dpo: feedback store URL or path, or an NDJSON export (cxrgen feedback export)
+    feedback_blobs: str | None = None  # the store's image folder (default: the store's own default)
+    real_data: str | None = None  # rwl: real training images (MIMIC layout; the train split) for beta * L(real)
+    rwl_beta: float = 0.3  # rwl: weight of the real-data likelihood (Sun et al.)
+    dpo_beta: float = 2000.0  # dpo: KL strength (Wallace et al. use 2000-5000 for SD)
     # CXRL's reward: a weighted sum of the CXR rewards (normalised to sum 1)
     weights: dict = dataclasses.field(default_factory=lambda: {"plausibility": 0.4, "posture": 0.2,
                                                                "diagnosis": 0.2, "consistency": 0.2})
@@ -57,8 +65,15 @@ class AlignConfig:
             raise ValueError(f"unknown --method {self.method!r}; known: {', '.join(METHODS)}")
         if not self.out:
             raise ValueError("--out is required")
-        if (self.prompts_from is None) == (self.prompts_file is None):
+        if self.method in ON_POLICY and (self.prompts_from is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of --prompts-from (a simulated data set) or --prompts-file")
+        if self.method in ("rwl", "dpo") and not self.feedback:
+            raise ValueError(f"--method {self.method} learns from stored feedback: give --feedback (a store URL or "
+                             "an NDJSON export)")
+        if self.method == "rwl" and not self.real_data:
+            raise ValueError("--method rwl needs --real-data (real training images for beta * L(real))")
+        if self.rlcf and self.method != "ddpo":
+            raise ValueError("--rlcf applies to --method ddpo")
         for name, lo in (("iterations", 1), ("prompts_per_iter", 1), ("images_per_prompt", 1), ("steps", 1),
                          ("lora_rank", 1), ("save_every", 1), ("limit", 1), ("ace_tokens", 1)):
             if getattr(self, name) < lo:

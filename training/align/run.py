@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import offline
 from .config import AlignConfig
 
 
@@ -58,7 +59,8 @@ def setup(cfg: AlignConfig):
 
     pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=cfg.device)
     pipe.scheduler = __import__("diffusers").DDIMScheduler.from_config(pipe.scheduler.config)
-    anchor = copy.deepcopy(pipe) if cfg.rlcf else None
+    # RLCF's anchor and DPO's reference: the frozen starting model.
+    anchor = copy.deepcopy(pipe) if cfg.rlcf or cfg.method == "dpo" else None
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -151,9 +153,13 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
-    prompts = read_prompts(cfg)
-    reward_fn, versions = reward_function(cfg)
+    from .config import ON_POLICY
+
+    on_policy = cfg.method in ON_POLICY
+    prompts = read_prompts(cfg) if on_policy else []
+    reward_fn, versions = reward_function(cfg) if on_policy else (None, {})
     pipe, params, opt, anchor, parent = setup(cfg)
+    fb, real, noise_sched = offline_data(cfg, pipe, out) if not on_policy else (None, [], None)
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     start, images, seconds = load_state(out, params, opt, stats)
     dcfg = ddpo.DDPOConfig(steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, clip_range=cfg.clip_range,
@@ -163,13 +169,19 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     with open(out / "log.jsonl", "a") as log:
         for it in range(start, cfg.iterations):
             t = time.perf_counter()
-            p, f, s = round_batch(prompts, cfg, it)
             if cfg.method == "ddpo":
+                p, f, s = round_batch(prompts, cfg, it)
                 info = ddpo.iteration(pipe, list(params.values()), opt, p, f, s, reward_fn, stats, dcfg, anchor,
                                       random.Random(cfg.seed * 7919 + it))
-            else:
+                images += len(p) * (2 if anchor is not None else 1)
+            elif cfg.method == "draft":
+                p, f, s = round_batch(prompts, cfg, it)
                 info = draft_round(pipe, params, opt, p, f, s, reward_fn, cfg)
-            images += len(p) * (2 if anchor is not None else 1)
+                images += len(p)
+            elif cfg.method == "rwl":
+                info = offline.rwl_round(pipe, params, opt, fb, real, noise_sched, cfg, it)
+            else:
+                info = offline.dpo_round(pipe, params, opt, fb, anchor, noise_sched, cfg, it)
             seconds += time.perf_counter() - t
             log.write(json.dumps({"iteration": it + 1, "images_sampled": images, "seconds": round(seconds, 2),
                                   **info}) + "\n")
@@ -178,10 +190,26 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
                 print(f"align {cfg.method} {it + 1}/{cfg.iterations}: reward {info['reward']:.4f}", flush=True)
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
                 save_state(out, it + 1, params, opt, stats, images, seconds)
-    return finish(pipe, cfg, out, parent, versions, images, seconds)
+    extra = {"feedback_cursor": fb.cursor, "rated": len(fb.rated), "pairs": len(fb.pairs)} if fb else {}
+    return finish(pipe, cfg, out, parent, versions, images, seconds, extra)
 
 
-def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float) -> Path:
+def offline_data(cfg: AlignConfig, pipe, out: Path):
+    """rwl / dpo: the feedback (ratings, decisive comparisons), real images (rwl) and the training noise schedule."""
+    from diffusers import DDPMScheduler
+
+    store = offline.open_feedback(cfg.feedback, out / "feedback", cfg.feedback_blobs)
+    fb = offline.read_feedback(store)
+    if cfg.method == "rwl" and not fb.rated:
+        raise ValueError(f"--feedback {cfg.feedback}: no rated generations to learn from")
+    if cfg.method == "dpo" and not fb.pairs:
+        raise ValueError(f"--feedback {cfg.feedback}: no decisive comparisons (a / b) to learn from")
+    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size) if cfg.method == "rwl" else []
+    return fb, real, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float,
+           extra: dict | None = None) -> Path:
     """Fuse the adapters into plain weights, save ACE tokens, write the checkpoint and its manifest."""
     from training.model.checkpoint import Manifest, save_checkpoint
 
@@ -194,7 +222,7 @@ def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, image
     method = cfg.method + ("+rlcf" if cfg.rlcf else "") + ("+ace" if cfg.ace else "")
     manifest = Manifest(version=cfg.version or f"{parent}+{method}", stage=f"align:{method}", parent_version=parent,
                         config={"align": dataclasses.asdict(cfg), "rewards": versions,
-                                "reward_weights": cfg.weights},
+                                "reward_weights": cfg.weights if versions else {}, **(extra or {})},
                         metrics={"reward_first_round": rows[0]["reward"], "reward_last_round": rows[-1]["reward"],
                                  "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows)})
     folder = save_checkpoint(pipe, out / "checkpoint", manifest)

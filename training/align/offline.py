@@ -1,0 +1,158 @@
+"""The store-driven alignment methods (issue 8): reward-weighted likelihood and Diffusion-DPO.
+
+Both learn from images already generated and judged, not from fresh samples:
+
+* ``rwl`` (Sun et al. 2023, pathologist-in-the-loop): each round, a batch of real training images and a
+  batch of stored generations; loss = beta * L(real) + mean(r * L(generated)), with r the generation's
+  share of "plausible" ratings in the feedback store (beta = 0.3 as in the paper).
+* ``dpo`` (Wallace et al. 2023): each round, a batch of the store's expert comparisons (ties left out);
+  the winner's and the loser's denoising errors at the same t and noise, for the model and its frozen
+  starting point, go into ``objectives.dpo_loss``. No reward model in between.
+
+L is the per-image denoising MSE at a random timestep (``errors``). Feedback comes from a store URL or an
+NDJSON export (imported into a scratch store in the run folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .objectives import dpo_loss, rwl_loss
+
+
+@dataclasses.dataclass
+class Feedback:
+    rated: list  # (generation id, prompt, share of plausible ratings)
+    pairs: list  # (winner id, loser id, prompt)
+    cursor: int  # the store's feed cursor when read (goes into the manifest)
+    store: object  # the FeedbackStore the images come from
+
+
+def open_feedback(source: str, scratch: Path, blobs: str | None = None):
+    """A store from a URL / path, or an NDJSON export imported into ``scratch`` (idempotent)."""
+    from training.feedback.store import open_store
+
+    if source.endswith((".ndjson", ".jsonl")):
+        from training.feedback.exchange import import_events
+
+        store = open_store(f"sqlite:///{scratch / 'feedback.db'}", scratch / "images")
+        with open(source) as f:
+            import_events(store, f, source)
+        return store
+    return open_store(source, blobs)
+
+
+def read_feedback(store) -> Feedback:
+    """Plausibility shares per rated generation and decisive pairwise comparisons, as of now."""
+    votes: dict[int, list[bool]] = {}
+    for r in store.ratings():
+        votes.setdefault(r.generation_id, []).append(bool(r.plausible))
+    gens = {g.id: g for g in store.generations(list(votes))} if votes else {}
+    rated = [(gid, gens[gid].prompt, sum(v) / len(v)) for gid, v in sorted(votes.items())]
+    comps = [c for c in store.comparisons() if c.preferred in ("a", "b")]
+    ids = sorted({c.generation_a for c in comps} | {c.generation_b for c in comps})
+    prompts = {g.id: g.prompt for g in store.generations(ids)} if ids else {}
+    pairs = [((c.generation_a, c.generation_b) if c.preferred == "a" else (c.generation_b, c.generation_a))
+             + (prompts[c.generation_a],) for c in comps]
+    return Feedback(rated, pairs, store.cursor(), store)
+
+
+def stored_images(store, ids, size: int) -> torch.Tensor:
+    """Stored generations as (N, 1, size, size) in [-1, 1]."""
+    import torch.nn.functional as F
+
+    x = torch.stack([torch.from_numpy(np.asarray(store.image(i), dtype=np.float32)) for i in ids])[:, None]
+    x = x / 255.0 if x.max() > 1.5 else x
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x * 2 - 1
+
+
+def latents_of(pipe, images: torch.Tensor) -> torch.Tensor:
+    from training.model.components import to_model_channels
+
+    with torch.no_grad():
+        x = to_model_channels(images.to(pipe.device, pipe.vae.dtype), pipe.vae.config.in_channels)
+        return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+def errors(unet, sched, latents: torch.Tensor, embeds: torch.Tensor, t: torch.Tensor,
+           noise: torch.Tensor) -> torch.Tensor:
+    """Per-image denoising MSE ||target - unet(x_t, t)||^2 (epsilon or v target)."""
+    noisy = sched.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=embeds).sample
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+
+
+def _noise_t(latents: torch.Tensor, sched, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+    return noise, t
+
+
+def embed(pipe, prompts) -> torch.Tensor:
+    return pipe.encode_prompt(list(prompts), pipe.device, 1, False, None)[0]
+
+
+def rwl_round(pipe, params, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
+    """One reward-weighted likelihood step on ``batch`` real and ``batch`` generated images."""
+    rng = random.Random(cfg.seed * 1_000_003 + it)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    n = cfg.prompts_per_iter * cfg.images_per_prompt
+    size = cfg.size or pipe.vae.config.sample_size
+    gb = rng.sample(fb.rated, min(n, len(fb.rated)))
+    rb = rng.sample(real, min(n, len(real)))
+    g_lat = latents_of(pipe, stored_images(fb.store, [g for g, _, _ in gb], size))
+    r_lat = latents_of(pipe, torch.stack([x for x, _ in rb]))
+    gn, gt = _noise_t(g_lat, sched, gen)
+    rn, rt = _noise_t(r_lat, sched, gen)
+    l_gen = errors(pipe.unet, sched, g_lat, embed(pipe, [p for _, p, _ in gb]), gt, gn)
+    l_real = errors(pipe.unet, sched, r_lat, embed(pipe, [p for _, p in rb]), rt, rn)
+    rewards = torch.tensor([r for _, _, r in gb], device=l_gen.device)
+    loss = rwl_loss(l_real, l_gen, rewards, cfg.rwl_beta)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"reward": rewards.mean().item(), "loss": loss.item(), "real_loss": l_real.mean().item(),
+            "generated_loss": l_gen.mean().item()}
+
+
+def dpo_round(pipe, params, opt, fb: Feedback, reference, sched, cfg, it: int) -> dict:
+    """One Diffusion-DPO step on a batch of (winner, loser) pairs: same t and noise for both and both models."""
+    rng = random.Random(cfg.seed * 1_000_003 + it)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    size = cfg.size or pipe.vae.config.sample_size
+    batch = rng.sample(fb.pairs, min(cfg.prompts_per_iter * cfg.images_per_prompt, len(fb.pairs)))
+    w = latents_of(pipe, stored_images(fb.store, [a for a, _, _ in batch], size))
+    lo = latents_of(pipe, stored_images(fb.store, [b for _, b, _ in batch], size))
+    noise, t = _noise_t(w, sched, gen)
+    emb = embed(pipe, [p for _, _, p in batch])
+    mw, ml = errors(pipe.unet, sched, w, emb, t, noise), errors(pipe.unet, sched, lo, emb, t, noise)
+    with torch.no_grad():
+        ref_emb = embed(reference, [p for _, _, p in batch])
+        rw = errors(reference.unet, sched, w, ref_emb, t, noise)
+        rl = errors(reference.unet, sched, lo, ref_emb, t, noise)
+    loss = dpo_loss(mw, ml, rw, rl, cfg.dpo_beta)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    # Implicit reward accuracy: how often the model already prefers the winner more than the reference does.
+    acc = (((mw - rw) - (ml - rl)) < 0).float().mean().item()
+    return {"reward": acc, "loss": loss.item(), "winner_error": mw.mean().item(), "loser_error": ml.mean().item()}
+
+
+def real_images(cfg, size: int) -> list:
+    """(image (1, H, W) in [-1, 1], prompt) of the real training split (``--real-data``), for rwl's anchor term."""
+    from training.data.mimic import LoaderConfig, MimicCXRDataset
+
+    ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size))
+    idx = random.Random(cfg.seed).sample(range(len(ds)), min(cfg.limit, len(ds)))
+    return [(ds[i]["image"], ds[i]["prompt"]) for i in idx]
