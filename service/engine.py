@@ -102,6 +102,8 @@ def load_model(source: str | None, device: str) -> Model:
 
     diffusers_logging.disable_progress_bar()  # a server log is not a terminal
     transformers_logging.disable_progress_bar()
+    # diffusers warns about over-long prompts by quoting the cut tokens: prompt text must stay out of logs.
+    diffusers_logging.set_verbosity_error()
     source, folder = resolve_source(source)
     try:
         is_dir = folder.is_dir()

@@ -148,7 +148,10 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     from . import ddpo
     from .objectives import PerPromptStats
 
+    from diffusers.utils import logging as diffusers_logging
+
     cfg.validate()
+    diffusers_logging.set_verbosity_error()  # not a warning quoting the cut tokens of every long report
     out = Path(cfg.out)
     check_resume(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
