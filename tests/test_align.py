@@ -316,3 +316,21 @@ def test_align_dpo_and_rwl_learn_from_the_store(micro_pipe, feedback_store, tmp_
     assert Manifest.read(rwl).config["rated"] == 8
     log = [json.loads(x) for x in (tmp_path / "rwl" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["real_loss"]) and math.isfinite(r["generated_loss"]) for r in log)
+
+
+def test_heldout_prompts_cover_every_finding_in_other_words():
+    """Issue 8's held-out prompts worded unlike the IU reports: 30+, every finding kind at least 3 times."""
+    from collections import Counter
+    from pathlib import Path
+
+    from training.data.reports import load_reports
+    from training.findings import KINDS
+    from training.generation import read_prompts_file
+
+    path = Path(__import__("training.align", fromlist=["x"]).__file__).parent / "prompts" / "heldout.jsonl"
+    rows = read_prompts_file(str(path))
+    assert len(rows) >= 30
+    counts = Counter(f.kind for _, found in rows for f in found)
+    assert all(counts[k] >= 3 for k in KINDS), counts
+    iu = {r.prompt.strip().lower() for r in load_reports()}
+    assert not any(p.strip().lower() in iu for p, _ in rows)
