@@ -96,6 +96,8 @@ class CXRGen:
 
     async def _generate(self, req: GenerateRequest, endpoint: str):
         if not self.engine.ready:
+            if self.load_error:
+                return error(503, "the models failed to load on this server; see its log")
             return error(503, "the model is still loading; retry when /readyz answers 200")
         prompt, findings = await asyncio.to_thread(self._prompt, req)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31 - 1 - req.n)
@@ -251,7 +253,9 @@ class CXRGen:
     def _run_job(self, job_id: str, spec) -> dict:
         from training.augment import pack, run
 
-        while not self.engine.ready:
+        while not self.engine.ready:  # a job submitted during start-up waits for the models
+            if self.load_error:
+                raise RuntimeError(f"the models failed to load: {self.load_error}")
             time.sleep(0.5)
         self.jobs.start(job_id)
         folder = self.cfg.jobs_dir / job_id / "cxrgen-augment"

@@ -165,3 +165,36 @@ def test_bentoml_build_and_serve_the_bento(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_model_that_fails_to_load_keeps_the_server_alive_but_not_ready(tmp_path):
+    """Kubernetes' view: /livez 200 (do not restart-loop on a bad config), /readyz 503 (send no traffic)."""
+    import time
+
+    import httpx
+
+    from service_support import auth, free_port, service_env
+
+    port = free_port()
+    env = {**os.environ, **service_env(tmp_path, CXRGEN_MODEL=str(tmp_path / "no-such-checkpoint"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:CXRGen",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=open(tmp_path / "log", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(120):
+                try:
+                    if c.get("/livez").status_code == 200 and "failed to load" in (tmp_path / "log").read_text():
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            assert c.get("/livez").status_code == 200
+            assert c.get("/readyz").status_code == 503
+            r = c.post("/generate", json={"prompt": "Cardiomegaly."}, headers=auth("client"))
+            assert r.status_code == 503 and "failed to load" in r.json()["error"]
+        assert "no-such-checkpoint" in (tmp_path / "log").read_text()  # the log says why
+    finally:
+        proc.terminate()
+        proc.wait(30)
