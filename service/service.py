@@ -169,10 +169,15 @@ class CXRGen:
         images = np.stack([self.store.image(g.id) for g in recs]).astype("float32")
         images = images / 255.0 if images.max() > 1 else images
         scored = self.engine.score(images, [g.prompt for g in recs], [g.findings for g in recs])
+        from training.provenance import encode, read_png_provenance
+
         out = []
-        for g, (scores, agree) in zip(recs, scored):
+        for g, img, (scores, agree) in zip(recs, images, scored):
             data = self.store.image_bytes(g.id)
-            out.append({"id": g.id, "seed": g.seed, "media_type": "image/png",
+            if req.format == "dicom":  # the stored PNG carries the provenance the DICOM needs
+                data = encode(img, read_png_provenance(self.store.image_path(g.id)), "dicom")
+            out.append({"id": g.id, "seed": g.seed,
+                        "media_type": "application/dicom" if req.format == "dicom" else "image/png",
                         "image": base64.b64encode(data).decode("ascii"), "scores": scores,
                         "finding_agreement": agree})
         return GenerateResponse(model_version=recs[0].model_version, prompt=recs[0].prompt,

@@ -89,6 +89,9 @@ def test_idempotency_key_returns_the_stored_images(service_app):
     again = gen(service_app, prompt="Small right pleural effusion.", n=2, seed=1, key="retry-abc")
     assert first.status_code == again.status_code == 200
     assert [i["id"] for i in first.json()["images"]] == [i["id"] for i in again.json()["images"]]
+    dicom = gen(service_app, prompt="Small right pleural effusion.", n=2, seed=1, key="retry-abc", format="dicom")
+    assert [i["media_type"] for i in dicom.json()["images"]] == ["application/dicom"] * 2
+    assert [i["id"] for i in dicom.json()["images"]] == [i["id"] for i in first.json()["images"]]
 
 
 @pytest.mark.parametrize("body,field", [
