@@ -10,8 +10,6 @@ import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 
@@ -76,20 +74,6 @@ def register_augment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_augment)
 
 
-def _call(method: str, url: str, body: dict | None = None):
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    if os.environ.get("CXRGEN_API_KEY"):
-        req.add_header("Authorization", "Bearer " + os.environ["CXRGEN_API_KEY"])
-    try:
-        return urllib.request.urlopen(req, timeout=120)
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:500].decode("utf-8", "replace")
-        raise ValueError(f"{method} {url}: HTTP {e.code}: {detail}") from None
-    except urllib.error.URLError as e:
-        raise ValueError(f"cannot reach {url}: {e.reason}") from None
-
-
 def parse_labels(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
@@ -102,6 +86,8 @@ def parse_labels(text: str) -> dict[str, float]:
 
 
 def run_augment(args) -> int:
+    from training.remote import request
+
     if (args.labels is None) == (args.prompts_file is None):
         raise ValueError("give exactly one of --labels or --prompts-file")
     body = {"count": args.count, "seed": args.seed, "steps": args.steps}
@@ -117,13 +103,13 @@ def run_augment(args) -> int:
             raise FileNotFoundError(f"--prompts-file {path} does not exist")
         body["prompts"] = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     base = args.url.rstrip("/")
-    with _call("POST", f"{base}/augment", body) as r:
+    with request("POST", f"{base}/augment", body) as r:
         task = json.load(r)["task_id"]
     print(json.dumps({"job": task}), file=sys.stderr)
     start = time.monotonic()
     while True:
         try:
-            with _call("GET", f"{base}/augment/{task}") as r:
+            with request("GET", f"{base}/augment/{task}") as r:
                 job = json.load(r)
         except ValueError as e:  # the task's row is written when it starts, a moment after the submit
             if "HTTP 404" not in str(e) or time.monotonic() - start > 60:
@@ -143,7 +129,7 @@ def run_augment(args) -> int:
     print(file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _call("GET", f"{base}{job['result_url']}") as r, open(out.with_suffix(".part"), "wb") as f:
+    with request("GET", f"{base}{job['result_url']}") as r, open(out.with_suffix(".part"), "wb") as f:
         shutil.copyfileobj(r, f)
     os.replace(out.with_suffix(".part"), out)
     print(json.dumps({"job": task, "out": str(out), "accepted": job["done"], "sampled": job["sampled"],

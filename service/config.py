@@ -32,7 +32,6 @@ class ServeConfig:
     warmup_steps: int = 2  # steps of the warm-up generation
     keys: str | None = None  # CXRGEN_API_KEYS: "key:role,role;key2:role" (see security.py)
     keys_file: str | None = None  # CXRGEN_API_KEYS_FILE: a mounted file with the same, one key per line
-    default_steps: int = 25  # a request's steps when it gives none
     reload_poll_s: float = 1.0  # how often a worker checks whether another worker switched models
 
     @classmethod

@@ -65,6 +65,17 @@ class Model:
                 "created": self.manifest.get("created"), "metrics": self.manifest.get("metrics", {})}
 
 
+def registered_models() -> list:
+    """The ``cxrgen-generator`` checkpoints in the BentoML model store, oldest first ([] without a store)."""
+    try:
+        import bentoml
+
+        return sorted(bentoml.models.list(BENTO_MODEL), key=lambda m: m.creation_time)
+    except Exception as e:  # no model store on this machine yet
+        log.debug("no BentoML model store: %s", e)
+        return []
+
+
 def resolve_source(source: str | None) -> tuple[str, Path]:
     """(source, folder): a path, ``bento:<tag>``, else the newest ``cxrgen-generator`` in the BentoML model
     store, else the embedded default checkpoint."""
@@ -79,14 +90,9 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
             raise ModelLoadError(f"{source}: not in the BentoML model store ({type(e).__name__}: {e})") from e
     if source:
         return source, Path(source)
-    try:
-        import bentoml
-
-        models = sorted(bentoml.models.list(BENTO_MODEL), key=lambda m: m.creation_time)
-        if models:
-            return f"bento:{models[-1].tag}", Path(models[-1].path)
-    except Exception as e:  # no model store yet: fall through to the default
-        log.debug("no BentoML model store: %s", e)
+    models = registered_models()
+    if models:
+        return f"bento:{models[-1].tag}", Path(models[-1].path)
     return "default", DEFAULT_MODEL
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
 from pathlib import Path
+
+from .web import error
 
 ROLES = ("client", "rater", "trainer", "admin")
 PUBLIC = {"/livez", "/healthz", "/readyz", "/metrics", "/ui", "/docs.json", "/schema.json", "/"}
@@ -101,27 +102,28 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _error(send, 413, f"request body over {self.max_body} bytes", "body")
+            return await error(413, f"request body over {self.max_body} bytes", "body")(scope, receive, send)
         if self.keys:
             role = required_role(scope["method"], scope["path"])
             if role is not None:
                 who = self.identify(headers)
                 if who is None:
-                    return await _error(send, 401, "missing or unknown API key (send Authorization: Bearer KEY)",
-                                        "authorization", {"www-authenticate": "Bearer"})
+                    resp = error(401, "missing or unknown API key (send Authorization: Bearer KEY)", "authorization")
+                    resp.headers["www-authenticate"] = "Bearer"
+                    return await resp(scope, receive, send)
                 name, roles = who
                 if role != "any" and role not in roles and "admin" not in roles:
-                    return await _error(send, 403, f"this API key lacks the {role!r} role", "authorization")
+                    return await error(403, f"this API key lacks the {role!r} role", "authorization")(scope, receive, send)
                 scope.setdefault("state", {})["api_key_name"] = name
         if scope["method"] in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
             if ctype not in ("application/json", ""):
-                return await _error(send, 415, f"send the body as application/json, not {ctype[:60]!r}",
-                                    "content-type")
-            body = await _read_body(receive, self.max_body)
+                return await error(415, f"send the body as application/json, not {ctype[:60]!r}",
+                                   "content-type")(scope, receive, send)
+            body = await read_body(receive, self.max_body)
             if body is None:
-                return await _error(send, 413, f"request body over {self.max_body} bytes", "body")
-            receive = _replay(body, receive)
+                return await error(413, f"request body over {self.max_body} bytes", "body")(scope, receive, send)
+            receive = replay(body, receive)
         return await self.app(scope, receive, send)
 
     def identify(self, headers: dict) -> tuple[str, frozenset] | None:
@@ -137,7 +139,7 @@ class Guard:
         return found
 
 
-async def _read_body(receive, limit: int) -> bytes | None:
+async def read_body(receive, limit: int) -> bytes | None:
     """The whole request body (chunked uploads have no Content-Length), or None once it passes ``limit``."""
     chunks, seen = [], 0
     while True:
@@ -154,7 +156,7 @@ async def _read_body(receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive):
+def replay(body: bytes, receive):
     """A receive that hands the buffered body over once, then waits on the real one (disconnects)."""
     sent = False
 
@@ -166,14 +168,6 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return wrapped
-
-
-async def _error(send, status: int, message: str, field: str, extra: dict | None = None) -> None:
-    body = json.dumps({"error": message, "field": field}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class RedactRequestErrors(logging.Filter):

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -37,7 +38,7 @@ HOST = "0.0.0.0" if KEYS else "127.0.0.1"
 
 @bentoml.service(name="cxrgen", http={"host": HOST, "port": 3000},
                  traffic={"timeout": 3600, "max_concurrency": 256},
-                 workers=int(__import__("os").environ.get("CXRGEN_WORKERS", "1")))
+                 workers=int(os.environ.get("CXRGEN_WORKERS", "1")))
 @bentoml.asgi_app(web_app, path="/")
 class CXRGen:
     def __init__(self) -> None:
@@ -55,6 +56,7 @@ class CXRGen:
         self.metrics = metrics()
         self.store = open_store(CFG.store, CFG.blobs)
         self.jobs = Jobs(self.store)
+        self.known_raters: set[str] = set()  # raters this worker has made sure exist in the store
         failed = self.jobs.fail_orphans()
         if failed:
             log.warning("marked %d interrupted augmentation job(s) failed: %s", len(failed), ", ".join(failed))
@@ -162,18 +164,18 @@ class CXRGen:
         """A retried request (same idempotency key): the images stored the first time, rescored."""
         import numpy as np
 
+        from training.feedback.blobs import decode
+        from training.provenance import encode, read_png_provenance
+
         ids = [self.store.generation_id(f"{req.key}:{i}") for i in range(req.n)]
         if any(i is None for i in ids):
             return None
         recs = self.store.generations(ids)
-        images = np.stack([self.store.image(g.id) for g in recs]).astype("float32")
-        images = images / 255.0 if images.max() > 1 else images
+        pngs = [self.store.image_bytes(g.id) for g in recs]  # each image read once
+        images = np.stack([decode(b) for b in pngs]).astype("float32") / 255.0
         scored = self.engine.score(images, [g.prompt for g in recs], [g.findings for g in recs])
-        from training.provenance import encode, read_png_provenance
-
         out = []
-        for g, img, (scores, agree) in zip(recs, images, scored):
-            data = self.store.image_bytes(g.id)
+        for g, data, img, (scores, agree) in zip(recs, pngs, images, scored):
             if req.format == "dicom":  # the stored PNG carries the provenance the DICOM needs
                 data = encode(img, read_png_provenance(self.store.image_path(g.id)), "dicom")
             out.append({"id": g.id, "seed": g.seed,
@@ -205,7 +207,9 @@ class CXRGen:
         from training.feedback.errors import StoreError, UnknownReference
 
         def run():
-            self.store.add_rater(rater_id, "expert", "registered by the cxrgen service on first feedback")
+            if rater_id not in self.known_raters:  # one write per new rater, not one per feedback
+                self.store.add_rater(rater_id, "expert", "registered by the cxrgen service on first feedback")
+                self.known_raters.add(rater_id)
             rid = write()
             return (self.store.rating(rid) if kind == "rating" else self.store.comparison(rid)).to_dict()
 
@@ -297,9 +301,9 @@ class AugmentGate:
             return await self.app(scope, receive, send)
         from pydantic import ValidationError
 
-        from .security import _read_body, _replay
+        from .security import read_body, replay
 
-        body = await _read_body(receive, CFG.max_body_bytes)
+        body = await read_body(receive, CFG.max_body_bytes)
         try:
             AugmentRequest.model_validate_json(body or b"")
         except ValidationError as e:
@@ -309,7 +313,7 @@ class AugmentGate:
                 f"{'.'.join(map(str, x['loc']))}: {x['type']}" for x in payload["detail"]))
             return await JSONResponse(payload, status_code=400)(scope, receive, send)
         scope = dict(scope, path="/augment/submit", raw_path=b"/augment/submit")
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
 
 CXRGen.add_asgi_middleware(Guard, keys=KEYS, max_body=CFG.max_body_bytes)

@@ -137,15 +137,10 @@ async def models():
 
 
 def _bento_models() -> list[dict]:
-    from service.engine import BENTO_MODEL
+    from service.engine import registered_models
 
-    try:
-        import bentoml
-
-        return [{"tag": str(m.tag), "version": m.info.metadata.get("version"), "created": str(m.creation_time)}
-                for m in bentoml.models.list(BENTO_MODEL)]
-    except Exception:  # no model store on this machine
-        return []
+    return [{"tag": str(m.tag), "version": m.info.metadata.get("version"), "created": str(m.creation_time)}
+            for m in registered_models()]
 
 
 def job_view(job) -> dict:

@@ -19,7 +19,6 @@ import dataclasses
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .objectives import dpo_loss, rwl_loss
@@ -63,14 +62,10 @@ def read_feedback(store) -> Feedback:
 
 
 def stored_images(store, ids, size: int) -> torch.Tensor:
-    """Stored generations as (N, 1, size, size) in [-1, 1]."""
-    import torch.nn.functional as F
+    """Stored generations as (N, 1, size, size) in [-1, 1] (the reward models' loader, as floats)."""
+    from training.reward.data import store_images
 
-    x = torch.stack([torch.from_numpy(np.asarray(store.image(i), dtype=np.float32)) for i in ids])[:, None]
-    x = x / 255.0 if x.max() > 1.5 else x
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x * 2 - 1
+    return store_images(store, ids, size).float() / 127.5 - 1
 
 
 def latents_of(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -155,4 +150,5 @@ def real_images(cfg, size: int) -> list:
 
     ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size))
     idx = random.Random(cfg.seed).sample(range(len(ds)), min(cfg.limit, len(ds)))
-    return [(ds[i]["image"], ds[i]["prompt"]) for i in idx]
+    samples = (ds[i] for i in idx)  # one decode per image
+    return [(s["image"], s["prompt"]) for s in samples]

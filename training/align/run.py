@@ -50,6 +50,7 @@ def reward_function(cfg: AlignConfig):
 
 def setup(cfg: AlignConfig):
     """(pipe, trainable params, optimiser, anchor or None, parent version)."""
+    from diffusers import DDIMScheduler
     from peft import LoraConfig
 
     from training.generation import DEFAULT_MODEL
@@ -58,7 +59,7 @@ def setup(cfg: AlignConfig):
     from .ace import ConditionTokens, attach
 
     pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=cfg.device)
-    pipe.scheduler = __import__("diffusers").DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     # RLCF's anchor and DPO's reference: the frozen starting model.
     anchor = copy.deepcopy(pipe) if cfg.rlcf or cfg.method == "dpo" else None
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -134,18 +134,11 @@ def run_import(args) -> int:
 
 def _import_url(args) -> int:
     """Stream ``/feedback/stream?after=C`` of a running service into this store, line by line."""
-    import os
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
+    from ..remote import request
     from .exchange import import_events
 
     base = args.file.rstrip("/")
     url = base if "/feedback/stream" in base else f"{base}/feedback/stream?after={int(args.after)}"
-    req = urllib.request.Request(url, headers={"Accept": "application/x-ndjson"})
-    if os.environ.get("CXRGEN_API_KEY"):
-        req.add_header("Authorization", "Bearer " + os.environ["CXRGEN_API_KEY"])
     end: dict = {}
 
     def lines(resp):
@@ -157,13 +150,7 @@ def _import_url(args) -> int:
                     end.update(event)
             yield line
 
-    try:
-        resp = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"{urllib.parse.urlsplit(url)._replace(query='').geturl()}: HTTP {e.code}: "
-                         f"{e.read()[:300].decode('utf-8', 'replace')}") from None
-    except urllib.error.URLError as e:
-        raise ValueError(f"cannot reach {base}: {e.reason}") from None
+    resp = request("GET", url, timeout=60, accept="application/x-ndjson")
     with resp, _open(args, upgrade=True) as store:
         n = import_events(store, lines(resp), url)
         if not end:

@@ -105,18 +105,16 @@ class Jobs:
     def fail(self, job_id: str, error: str) -> None:
         self._set(job_id, state="failed", error=str(error)[:4000])
 
-    def fail_orphans(self, alive: set[str] | None = None) -> list[str]:
-        """Mark failed every queued / running job whose owner on this host is not in ``alive`` (default:
-        this process only), i.e. jobs of processes that ended before finishing them. Returns their ids.
+    def fail_orphans(self) -> list[str]:
+        """Mark failed every queued / running job whose owner on this host no longer runs, i.e. jobs of
+        processes that ended before finishing them. Returns their ids.
 
         Only owners on this host are judged: another host's jobs may still be running.
         """
         host = socket.gethostname()
-        alive = alive if alive is not None else {owner_id()}
         with Session(self.engine) as s, s.begin():
             rows = s.scalars(select(Job).where(Job.state.in_(("queued", "running")))).all()
-            gone = [j for j in rows if j.owner.rsplit(":", 1)[0] == host and j.owner not in alive
-                    and not _pid_alive(j.owner)]
+            gone = [j for j in rows if j.owner.rsplit(":", 1)[0] == host and not _pid_alive(j.owner)]
             for j in gone:
                 j.state, j.updated = "failed", _now()
                 j.error = (f"interrupted: the server process running it ({j.owner}) stopped after {j.done} of "
