@@ -41,7 +41,8 @@ def run_import(args) -> int:
     meta = _no_nones(meta)
     with bentoml.models.create(args.name, metadata=meta, labels={"source": "cxrgen"}) as model:
         shutil.copytree(folder, model.path, dirs_exist_ok=True)
-    print(json.dumps({"tag": str(model.tag), "version": meta.get("version"), "path": str(model.path)}))
+    stored = bentoml.models.get(model.tag)  # inside the block the model lives in a temporary folder
+    print(json.dumps({"tag": str(stored.tag), "version": meta.get("version"), "path": str(stored.path)}))
     return 0
 
 
