@@ -177,6 +177,7 @@ class Engine:
         self.scorer = None
         self.diagnosis = None
         self.ready = False
+        self.ready_event = threading.Event()  # set with ready: requests that arrive during start-up wait on it
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -203,6 +204,7 @@ class Engine:
         self._watcher = threading.Thread(target=self._watch, name="cxrgen-model-watch", daemon=True)
         self._watcher.start()
         self.ready = True
+        self.ready_event.set()
         log.info("cxrgen engine ready: model %s (%s) on %s", self.model.version, self.model.source, self.device)
 
     def _load_rewards(self) -> None:

@@ -34,6 +34,7 @@ Limits.max_job_work = CFG.max_job_work
 KEYS = parse_keys(CFG.keys, CFG.keys_file)
 # No keys: an open service must not be reachable from other machines.
 HOST = "0.0.0.0" if KEYS else "127.0.0.1"
+READY_WAIT_S = 120  # how long a request that arrives during start-up waits for this worker's models
 
 
 @bentoml.service(name="cxrgen", http={"host": HOST, "port": 3000},
@@ -72,6 +73,7 @@ class CXRGen:
             self.engine.start()
         except Exception as e:  # never ready; /readyz stays 503 and the log says why
             self.load_error = f"{type(e).__name__}: {e}"
+            self.engine.ready_event.set()  # release waiting requests: they get the 503 naming the failure
             log.exception("cxrgen: the models failed to load")
 
     def __is_ready__(self) -> bool:
@@ -97,6 +99,10 @@ class CXRGen:
             "X-Cxrgen-Scores": json.dumps(im.scores)})
 
     async def _generate(self, req: GenerateRequest, endpoint: str):
+        if not self.engine.ready and not self.load_error:
+            # Readiness is per worker: with several, /readyz may answer from one while this one still loads.
+            # Wait for it (bounded) rather than fail a request the load balancer already sent here.
+            await asyncio.to_thread(self.engine.ready_event.wait, READY_WAIT_S)
         if not self.engine.ready:
             if self.load_error:
                 return error(503, "the models failed to load on this server; see its log")
