@@ -182,22 +182,24 @@ def test_a_ddpo_iteration_moves_log_probabilities_along_the_advantages(micro_pip
     pipe.unet.requires_grad_(False)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.5)
+    from training.align.optim import Optimiser
+
+    opt = Optimiser({n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}, lr=0.05, max_grad_norm=1e9,
+                    cpu=True)
     cfg = ddpo.DDPOConfig(steps=3, guidance=2.0, clip_range=10.0, min_count=1)
     prompts, seeds = ["cardiomegaly"] * 4, [0, 1, 2, 3]
     brightness = lambda im, p, f: im.mean(dim=(1, 2, 3))  # noqa: E731  (a toy reward)
     traj, images = ddpo.collect(pipe, prompts, seeds, cfg)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    ddpo.update(pipe, params, opt, traj, adv, cfg, random.Random(0))
+    ddpo.update(pipe, opt, traj, adv, cfg, random.Random(0))
     with torch.no_grad():
         new = torch.stack([step_logprob(pipe, traj, j, cfg.guidance) for j in range(3)], 1)
     gain = (new - traj.log_probs).sum(1)
     assert (adv * gain).sum() > 0
     # The whole iteration runs, with and without an anchor (RLCF), and reports what it saw.
-    info = ddpo.iteration(pipe, params, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg)
+    info = ddpo.iteration(pipe, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg)
     assert {"reward", "loss", "approx_kl", "clipfrac"} <= set(info)
-    info = ddpo.iteration(pipe, params, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg,
+    info = ddpo.iteration(pipe, opt, prompts, [[]] * 4, seeds, brightness, PerPromptStats(min_count=1), cfg,
                           anchor=base)
     assert "anchor_reward" in info
 
@@ -334,3 +336,47 @@ def test_heldout_prompts_cover_every_finding_in_other_words():
     assert all(counts[k] >= 3 for k in KINDS), counts
     iu = {r.prompt.strip().lower() for r in load_reports()}
     assert not any(p.strip().lower() in iu for p, _ in rows)
+
+
+def test_early_stop_keeps_the_best_reward_and_stops_on_a_falling_guard():
+    from training.align.heldout import EarlyStop
+
+    es = EarlyStop(patience=2, panel_tolerance=0.05)
+    assert es.update(0, {"reward": 0.1, "panel_plausible_rate": 0.5}) == (True, False)
+    assert es.update(1, {"reward": 0.3, "panel_plausible_rate": 0.52}) == (True, False)
+    assert es.update(2, {"reward": 0.2, "panel_plausible_rate": 0.5}) == (False, False)
+    assert es.update(3, {"reward": 0.25, "panel_plausible_rate": 0.5}) == (False, True)  # patience spent
+    assert es.best_iteration == 1 and "no better held-out reward" in es.reason
+    # Reward up, panel down past its tolerance: reward hacking, stop at once whatever the reward says.
+    es = EarlyStop(patience=0, panel_tolerance=0.05, judge_tolerance=0.03)
+    es.update(0, {"reward": 0.1, "panel_plausible_rate": 0.5, "judge_auroc_mean": 0.9})
+    assert es.update(1, {"reward": 0.9, "panel_plausible_rate": 0.44, "judge_auroc_mean": 0.9}) == (False, True)
+    assert "panel_plausible_rate" in es.reason
+    es = EarlyStop()
+    es.update(0, {"reward": 0.1, "judge_auroc_mean": 0.9})
+    assert es.update(1, {"reward": 0.9, "judge_auroc_mean": 0.86})[1] and "judge_auroc_mean" in es.reason
+    assert EarlyStop.from_state(es.state()) == es
+
+
+def test_align_probes_heldout_prompts_with_the_panel_and_keeps_the_best_round(micro_pipe, tmp_path):
+    """Held-out verdicts before the first round, every --eval-every rounds and at the end; the manifest holds
+    the evaluation before and after and the round whose weights it kept."""
+    from training.align.run import align
+    from training.model.checkpoint import Manifest
+
+    _, folder = micro_pipe
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "Large right pleural effusion.", "findings": [{"kind": "pleural_effusion", '
+                    '"side": "right", "severity": "large"}]}\n{"prompt": "Normal chest.", "findings": []}\n')
+    cfg = _align_cfg(tmp_path, folder, "probe", method="draft", iterations=3, eval_every=1,
+                     eval_prompts_file=str(held), patience=5)
+    ckpt = align(cfg, False)
+    log = [json.loads(x) for x in (tmp_path / "probe" / "log.jsonl").read_text().splitlines()]
+    probes = [r["heldout"] for r in log if "heldout" in r]
+    assert [r["iteration"] for r in log] == [0, 1, 2, 3] and len(probes) == 4
+    assert all({"reward", "panel_plausible_rate", "heldout_n"} <= set(p) and p["heldout_n"] == 2 for p in probes)
+    h = Manifest.read(ckpt).metrics["heldout"]
+    assert h["before"]["iteration"] == 0 and h["after"]["iteration"] == 3
+    best = max(probes, key=lambda p: p["reward"])
+    assert h["selected_round"] == best["iteration"] and h["selected"]["reward"] == best["reward"]
+    assert Manifest.read(ckpt).metrics["rounds"] == 3  # the probe rows are not rounds

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, default=None, help="reward weights, name=w,... (default: "
                            + ",".join(f"{k}={v}" for k, v in defaults.weights.items()) + ")")
         elif f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
         elif f.name == "method":
             p.add_argument(flag, default=defaults.method, choices=METHODS)
         else:

@@ -43,8 +43,21 @@ class AlignConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     save_every: int = 5  # rounds between resumable states
     seed: int = 0  # prompts, noise, adapter initialisation
-    device: str = "cpu"  # cpu, cuda, cuda:1
+    device: str = "cpu"  # cpu, cuda, cuda:1 (under `accelerate launch`, each process's own device)
+    mixed_precision: str = "no"  # "no", "bf16" (CPU or GPU) or "fp16" (GPU): accelerate's autocast + loss scaling
     version: str | None = None  # the aligned checkpoint's version (default: <parent>+<method>)
+    # -- held-out verdicts (heldout.py): the run's reward, the panel and the judge on prompts it never trains on --
+    eval_every: int = 5  # rounds between held-out probes (also one before the first round and one at the end); 0: none
+    eval_data: str | None = None  # simulated data set of the held-out prompts (default: --prompts-from)
+    eval_split: str = "validate"  # its split (the test split stays for `cxrgen evaluate`)
+    eval_limit: int = 32  # held-out prompts from that split
+    eval_prompts_file: str | None = None  # and/or a prompts file (.jsonl with findings, or .txt)
+    panel: str | None = None  # simulated expert panel (default: models/panel); a guard, never a reward
+    judge: str | None = None  # evaluation judge folder (judge.json); a guard, never a reward
+    patience: int = 0  # stop after this many probes without a better held-out reward (0: run every round)
+    panel_tolerance: float = 0.05  # stop when the panel's plausible rate falls this far below the first probe's
+    judge_tolerance: float = 0.03  # stop when the judge's conditioning AUROC falls this far below the first probe's
+    keep_best: bool = True  # the checkpoint keeps the probe with the best held-out reward, not the last round
     # -- sampling --
     steps: int = 10  # DDIM steps of each trajectory
     guidance: float = 4.0  # classifier-free guidance
@@ -78,6 +91,10 @@ class AlignConfig:
                          ("lora_rank", 1), ("save_every", 1), ("limit", 1), ("ace_tokens", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.eval_every < 0 or self.patience < 0 or self.eval_limit < 0:
+            raise ValueError("--eval-every, --patience and --eval-limit must be >= 0")
         if self.method == "ddpo" and self.eta <= 0:
             raise ValueError("--eta must be > 0 for ddpo (a deterministic step has no log-probability)")
         if self.method == "draft" and not 1 <= self.draft_k <= self.steps:
@@ -85,6 +102,12 @@ class AlignConfig:
         if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ValueError("--weights: non-negative weights with a positive sum, e.g. plausibility=0.4,posture=0.2")
         return self
+
+    @property
+    def probes(self) -> bool:
+        """Whether held-out probes run: a cadence and a held-out set to probe."""
+        data = self.eval_data or self.prompts_from
+        return self.eval_every > 0 and bool((data and self.eval_limit) or self.eval_prompts_file)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -50,38 +50,40 @@ def anchor_images(anchor, prompts: Sequence[str], seeds: Sequence[int], cfg: DDP
         return decode(anchor, x0)
 
 
-def update(pipe, params: list, optimizer, traj: Trajectory, adv: torch.Tensor, cfg: DDPOConfig,
-           rng: random.Random) -> dict:
-    """PPO over the trajectory's steps; returns mean loss, approx KL and clip fraction."""
+def update(pipe, optimiser, traj: Trajectory, adv: torch.Tensor, cfg: DDPOConfig, rng: random.Random) -> dict:
+    """PPO over the trajectory's steps (``optimiser``: ``optim.Optimiser``); returns mean loss, approx KL and
+    clip fraction."""
     n_steps = traj.log_probs.shape[1]
     train = max(1, round(cfg.timestep_fraction * n_steps))
     logs = []
     adv = adv.to(traj.log_probs.device)
     for _ in range(cfg.inner_epochs):
         for j in sorted(rng.sample(range(n_steps), train)):
-            lp = step_logprob(pipe, traj, j, cfg.guidance, cfg.eta)
-            loss, info = ppo_loss(lp, traj.log_probs[:, j], adv, cfg.clip_range)
-            (loss / train).backward()
+            with optimiser.autocast():
+                lp = step_logprob(pipe, traj, j, cfg.guidance, cfg.eta)
+            loss, info = ppo_loss(lp.float(), traj.log_probs[:, j], adv, cfg.clip_range)
+            optimiser.backward(loss / train)
             logs.append({"loss": loss.item(), **info})
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimiser.step()
     return {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
 
 
-def iteration(pipe, params: list, optimizer, prompts: Sequence[str], findings: Sequence, seeds: Sequence[int],
+def iteration(pipe, optimiser, prompts: Sequence[str], findings: Sequence, seeds: Sequence[int],
               reward_fn: Callable, stats: PerPromptStats, cfg: DDPOConfig, anchor=None,
               rng: random.Random | None = None) -> dict:
     """Sample, reward (relative to ``anchor`` when given: RLCF), normalise per prompt, PPO-update."""
-    traj, images = collect(pipe, prompts, seeds, cfg)
+    with optimiser.autocast():
+        traj, images = collect(pipe, prompts, seeds, cfg)
     with torch.no_grad():
-        rewards = reward_fn(images, list(prompts), list(findings)).float().cpu()
+        rewards = reward_fn(images.float(), list(prompts), list(findings)).float().cpu()
         signal = rewards
         if anchor is not None:
-            base = reward_fn(anchor_images(anchor, prompts, seeds, cfg), list(prompts), list(findings)).float().cpu()
+            with optimiser.autocast():
+                anchor_imgs = anchor_images(anchor, prompts, seeds, cfg)
+            base = reward_fn(anchor_imgs.float(), list(prompts), list(findings)).float().cpu()
             signal = relative_rewards(rewards, base)
     adv = advantages(list(prompts), signal, stats, cfg.adv_clip)
-    info = update(pipe, params, optimizer, traj, adv, cfg, rng or random.Random(0))
+    info = update(pipe, optimiser, traj, adv, cfg, rng or random.Random(0))
     out = {"reward": rewards.mean().item(), **info}
     if anchor is not None:
         out["anchor_reward"] = base.mean().item()

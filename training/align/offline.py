@@ -95,7 +95,7 @@ def embed(pipe, prompts) -> torch.Tensor:
     return pipe.encode_prompt(list(prompts), pipe.device, 1, False, None)[0]
 
 
-def rwl_round(pipe, params, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
+def rwl_round(pipe, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
     """One reward-weighted likelihood step on ``batch`` real and ``batch`` generated images."""
     rng = random.Random(cfg.seed * 1_000_003 + it)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
@@ -111,15 +111,13 @@ def rwl_round(pipe, params, opt, fb: Feedback, real: list, sched, cfg, it: int) 
     l_real = errors(pipe.unet, sched, r_lat, embed(pipe, [p for _, p in rb]), rt, rn)
     rewards = torch.tensor([r for _, _, r in gb], device=l_gen.device)
     loss = rwl_loss(l_real, l_gen, rewards, cfg.rwl_beta)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    opt.backward(loss)
     opt.step()
-    opt.zero_grad(set_to_none=True)
     return {"reward": rewards.mean().item(), "loss": loss.item(), "real_loss": l_real.mean().item(),
             "generated_loss": l_gen.mean().item()}
 
 
-def dpo_round(pipe, params, opt, fb: Feedback, reference, sched, cfg, it: int) -> dict:
+def dpo_round(pipe, opt, fb: Feedback, reference, sched, cfg, it: int) -> dict:
     """One Diffusion-DPO step on a batch of (winner, loser) pairs: same t and noise for both and both models."""
     rng = random.Random(cfg.seed * 1_000_003 + it)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
@@ -135,10 +133,8 @@ def dpo_round(pipe, params, opt, fb: Feedback, reference, sched, cfg, it: int) -
         rw = errors(reference.unet, sched, w, ref_emb, t, noise)
         rl = errors(reference.unet, sched, lo, ref_emb, t, noise)
     loss = dpo_loss(mw, ml, rw, rl, cfg.dpo_beta)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    opt.backward(loss)
     opt.step()
-    opt.zero_grad(set_to_none=True)
     # Implicit reward accuracy: how often the model already prefers the winner more than the reference does.
     acc = (((mw - rw) - (ml - rl)) < 0).float().mean().item()
     return {"reward": acc, "loss": loss.item(), "winner_error": mw.mean().item(), "loser_error": ml.mean().item()}

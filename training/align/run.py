@@ -48,8 +48,8 @@ def reward_function(cfg: AlignConfig):
     return fn, {n: r.version for n, (r, _) in rewards.items()}
 
 
-def setup(cfg: AlignConfig):
-    """(pipe, trainable params, optimiser, anchor or None, parent version)."""
+def setup(cfg: AlignConfig, device: str):
+    """(pipe, trainable params, anchor or None, parent version)."""
     from diffusers import DDIMScheduler
     from peft import LoraConfig
 
@@ -58,7 +58,7 @@ def setup(cfg: AlignConfig):
 
     from .ace import ConditionTokens, attach
 
-    pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=cfg.device)
+    pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     # RLCF's anchor and DPO's reference: the frozen starting model.
     anchor = copy.deepcopy(pipe) if cfg.rlcf or cfg.method == "dpo" else None
@@ -69,10 +69,16 @@ def setup(cfg: AlignConfig):
                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     if cfg.ace:
         attach(pipe, ConditionTokens(cfg.ace_tokens, pipe.text_encoder.config.hidden_size))
-    params = trainable(pipe)
-    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     parent = manifest.version if manifest else str(cfg.model)
-    return pipe, params, opt, anchor, parent
+    return pipe, trainable(pipe), anchor, parent
+
+
+def process_device(cfg: AlignConfig) -> str:
+    """--device, or under `accelerate launch` with several processes this process's own GPU."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    return str(state.device) if state.num_processes > 1 else cfg.device
 
 
 def trainable(pipe) -> dict[str, torch.nn.Parameter]:
@@ -83,41 +89,42 @@ def trainable(pipe) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def round_batch(prompts: list, cfg: AlignConfig, it: int) -> tuple[list[str], list, list[int]]:
-    """The round's prompts (each ``images_per_prompt`` times), findings and seeds: a function of seed and round."""
-    rng = random.Random(cfg.seed * 1_000_003 + it)
+def round_batch(prompts: list, cfg: AlignConfig, it: int, rank: int = 0) -> tuple[list[str], list, list[int]]:
+    """The round's prompts (each ``images_per_prompt`` times), findings and seeds: a function of seed, round
+    and process rank (each process of a multi-GPU run samples its own)."""
+    rng = random.Random(cfg.seed * 1_000_003 + it + rank * 7_777_777)
     chosen = rng.sample(prompts, min(cfg.prompts_per_iter, len(prompts)))
     flat = [p for p in chosen for _ in range(cfg.images_per_prompt)]
-    seeds = [cfg.seed * 10_000_000 + it * 1000 + i for i in range(len(flat))]
+    seeds = [cfg.seed * 10_000_000 + rank * 1_000_000_000 + it * 1000 + i for i in range(len(flat))]
     return [p for p, _ in flat], [[f.to_dict() for f in fs] for _, fs in flat], seeds
 
 
-def draft_round(pipe, params, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig) -> dict:
+def draft_round(pipe, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig) -> dict:
     from .sampling import decode, sample_draft
 
-    x0 = sample_draft(pipe, prompts, [torch.Generator().manual_seed(s) for s in seeds], cfg.steps, cfg.guidance,
-                      cfg.draft_k, cfg.size)
-    reward = reward_fn(decode(pipe, x0), prompts, findings)
+    with opt.autocast():
+        x0 = sample_draft(pipe, prompts, [torch.Generator().manual_seed(s) for s in seeds], cfg.steps, cfg.guidance,
+                          cfg.draft_k, cfg.size)
+        images = decode(pipe, x0)
+    reward = reward_fn(images.float(), prompts, findings)
     loss = -reward.mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return {"reward": reward.mean().item(), "loss": loss.item()}
+    opt.backward(loss)
+    grad_norm = opt.step()
+    return {"reward": reward.mean().item(), "loss": loss.item(), "grad_norm": grad_norm}
 
 
-def save_state(out: Path, it: int, params: dict, opt, stats, images: int, seconds: float) -> None:
+def save_state(out: Path, it: int, params: dict, opt, stats, images: int, seconds: float, watch=None) -> None:
     state = out / "state"
     state.mkdir(parents=True, exist_ok=True)
     blob = {"iteration": it, "params": {k: v.detach().cpu() for k, v in params.items()},
             "optimizer": opt.state_dict(), "stats": {k: list(v) for k, v in stats.buffers.items()} if stats else {},
-            "images": images, "seconds": seconds}
+            "images": images, "seconds": seconds, "watch": watch.state() if watch else None}
     tmp = state / "state.pt.tmp"
     torch.save(blob, tmp)
     os.replace(tmp, state / "state.pt")  # a kill mid-save keeps the previous state
 
 
-def load_state(out: Path, params: dict, opt, stats) -> tuple[int, int, float]:
+def load_state(out: Path, params: dict, opt, stats, watch=None) -> tuple[int, int, float]:
     """(rounds done, images sampled, seconds) of a previous run in ``out``; zeros for a new run."""
     import collections
 
@@ -131,7 +138,55 @@ def load_state(out: Path, params: dict, opt, stats) -> tuple[int, int, float]:
     opt.load_state_dict(blob["optimizer"])
     if stats is not None:
         stats.buffers = {k: collections.deque(v, maxlen=stats.buffer_size) for k, v in blob["stats"].items()}
+    if watch is not None and blob.get("watch"):
+        watch.load(blob["watch"])
     return blob["iteration"], blob["images"], blob["seconds"]
+
+
+class Watch:
+    """The held-out probes of a run: the set, the three eyes, early stopping and the best weights so far."""
+
+    def __init__(self, cfg: AlignConfig, pipe, reward_fn, params: dict):
+        from . import heldout
+
+        self.cfg, self.pipe, self.reward_fn, self.params = cfg, pipe, reward_fn, params
+        data = cfg.eval_data or cfg.prompts_from
+        self.enabled = cfg.probes
+        self.stop = heldout.EarlyStop(cfg.patience, cfg.panel_tolerance, cfg.judge_tolerance)
+        self.best: dict | None = None
+        self.probes: list[dict] = []
+        if self.enabled:
+            self.set = heldout.HeldoutSet.load(data, cfg.eval_split, cfg.eval_limit, cfg.eval_prompts_file)
+            self.panel, self.raters, self.judge = heldout.load_eyes(cfg.panel, cfg.judge, device=str(pipe.device))
+
+    def probe(self, iteration: int) -> tuple[dict, bool]:
+        """Probe now; (the verdicts, stop the run)."""
+        from . import heldout
+
+        v = heldout.probe(self.pipe, self.set, self.reward_fn, self.panel, self.raters, self.judge, self.cfg.seed,
+                          self.cfg.steps, self.cfg.guidance, self.cfg.size)
+        better, stop = self.stop.update(iteration, v)
+        if better:
+            self.best = {"iteration": iteration, "params": {k: p.detach().cpu().clone() for k, p in self.params.items()}}
+        self.probes.append({"iteration": iteration, **heldout.summary(v)})
+        return v, stop
+
+    def restore_best(self) -> int | None:
+        """Put the best probe's weights back (``keep_best``); the round they came from, or None."""
+        if not (self.cfg.keep_best and self.best):
+            return None
+        with torch.no_grad():
+            for k, v in self.best["params"].items():
+                self.params[k].copy_(v)
+        return self.best["iteration"]
+
+    def state(self) -> dict:
+        return {"stop": self.stop.state(), "best": self.best, "probes": self.probes}
+
+    def load(self, d: dict) -> None:
+        from . import heldout
+
+        self.stop, self.best, self.probes = heldout.EarlyStop.from_state(d["stop"]), d["best"], d["probes"]
 
 
 def check_resume(out: Path, cfg: AlignConfig) -> None:
@@ -147,7 +202,9 @@ def check_resume(out: Path, cfg: AlignConfig) -> None:
 def align(cfg: AlignConfig, progress: bool = True) -> Path:
     """Run (or resume) an alignment; returns the aligned checkpoint folder."""
     from . import ddpo
+    from .config import ON_POLICY
     from .objectives import PerPromptStats
+    from .optim import Optimiser
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -155,47 +212,78 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     diffusers_logging.set_verbosity_error()  # not a warning quoting the cut tokens of every long report
     out = Path(cfg.out)
     check_resume(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
-    from .config import ON_POLICY
-
     on_policy = cfg.method in ON_POLICY
     prompts = read_prompts(cfg) if on_policy else []
-    reward_fn, versions = reward_function(cfg) if on_policy else (None, {})
-    pipe, params, opt, anchor, parent = setup(cfg)
+    # The reward models: what on-policy methods optimise, and the held-out reward every method is watched by.
+    reward_fn, versions = reward_function(cfg) if on_policy or cfg.probes else (None, {})
+    pipe, params, anchor, parent = setup(cfg, process_device(cfg))
+    opt = Optimiser(params, cfg.lr, cfg.max_grad_norm, cfg.mixed_precision, cpu=cfg.device == "cpu")
+    if opt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())
     fb, real, noise_sched = offline_data(cfg, pipe, out) if not on_policy else (None, [], None)
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
-    start, images, seconds = load_state(out, params, opt, stats)
+    watch = Watch(cfg, pipe, reward_fn, params)
+    start, images, seconds = load_state(out, params, opt, stats, watch)
     dcfg = ddpo.DDPOConfig(steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, clip_range=cfg.clip_range,
                            adv_clip=cfg.adv_clip, buffer=cfg.buffer, min_count=cfg.min_count,
                            inner_epochs=cfg.inner_epochs, timestep_fraction=cfg.timestep_fraction,
                            max_grad_norm=cfg.max_grad_norm)
-    with open(out / "log.jsonl", "a") as log:
-        for it in range(start, cfg.iterations):
-            t = time.perf_counter()
-            if cfg.method == "ddpo":
-                p, f, s = round_batch(prompts, cfg, it)
-                info = ddpo.iteration(pipe, list(params.values()), opt, p, f, s, reward_fn, stats, dcfg, anchor,
-                                      random.Random(cfg.seed * 7919 + it))
-                images += len(p) * (2 if anchor is not None else 1)
-            elif cfg.method == "draft":
-                p, f, s = round_batch(prompts, cfg, it)
-                info = draft_round(pipe, params, opt, p, f, s, reward_fn, cfg)
-                images += len(p)
-            elif cfg.method == "rwl":
-                info = offline.rwl_round(pipe, params, opt, fb, real, noise_sched, cfg, it)
-            else:
-                info = offline.dpo_round(pipe, params, opt, fb, anchor, noise_sched, cfg, it)
-            seconds += time.perf_counter() - t
-            log.write(json.dumps({"iteration": it + 1, "images_sampled": images, "seconds": round(seconds, 2),
-                                  **info}) + "\n")
-            log.flush()
-            if progress:
-                print(f"align {cfg.method} {it + 1}/{cfg.iterations}: reward {info['reward']:.4f}", flush=True)
-            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-                save_state(out, it + 1, params, opt, stats, images, seconds)
+
+    def write(row: dict) -> None:
+        if opt.is_main:
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
+
+    stopped = ""
+    if watch.enabled and start == 0:
+        v, _ = watch.probe(0)
+        write({"iteration": 0, "images_sampled": 0, "seconds": 0.0, "heldout": watch.probes[-1]})
+    for it in range(start, cfg.iterations):
+        t = time.perf_counter()
+        if cfg.method == "ddpo":
+            p, f, s = round_batch(prompts, cfg, it, opt.rank)
+            info = ddpo.iteration(pipe, opt, p, f, s, reward_fn, stats, dcfg, anchor,
+                                  random.Random(cfg.seed * 7919 + it))
+            images += len(p) * (2 if anchor is not None else 1) * opt.accelerator.num_processes
+        elif cfg.method == "draft":
+            p, f, s = round_batch(prompts, cfg, it, opt.rank)
+            info = draft_round(pipe, opt, p, f, s, reward_fn, cfg)
+            images += len(p) * opt.accelerator.num_processes
+        elif cfg.method == "rwl":
+            with opt.autocast():
+                info = offline.rwl_round(pipe, opt, fb, real, noise_sched, cfg, it)
+        else:
+            with opt.autocast():
+                info = offline.dpo_round(pipe, opt, fb, anchor, noise_sched, cfg, it)
+        seconds += time.perf_counter() - t
+        row = {"iteration": it + 1, "images_sampled": images, "seconds": round(seconds, 2), **info}
+        stop = False
+        if watch.enabled and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
+            _, stop = watch.probe(it + 1)
+            row["heldout"] = watch.probes[-1]
+        write(row)
+        if progress and opt.is_main:
+            extra = f", held-out reward {row['heldout'].get('reward', float('nan')):.4f}" if "heldout" in row else ""
+            print(f"align {cfg.method} {it + 1}/{cfg.iterations}: reward {info['reward']:.4f}{extra}", flush=True)
+        if opt.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations or stop):
+            save_state(out, it + 1, params, opt, stats, images, seconds, watch)
+        if stop:
+            stopped = watch.stop.reason
+            write({"iteration": it + 1, "early_stop": stopped})
+            if progress and opt.is_main:
+                print(f"align: early stop: {stopped}", flush=True)
+            break
+    opt.wait()
+    selected = watch.restore_best() if watch.enabled else None
     extra = {"feedback_cursor": fb.cursor, "rated": len(fb.rated), "pairs": len(fb.pairs)} if fb else {}
-    return finish(pipe, cfg, out, parent, versions, images, seconds, extra)
+    evaluation = {"before": watch.probes[0], "after": watch.probes[-1], "selected_round": selected,
+                  "early_stop": stopped or None} if watch.probes else {}
+    if selected is not None:
+        evaluation["selected"] = next(p for p in watch.probes if p["iteration"] == selected)
+    if not opt.is_main:
+        return out / "checkpoint"
+    return finish(pipe, cfg, out, parent, versions, images, seconds, extra, evaluation)
 
 
 def offline_data(cfg: AlignConfig, pipe, out: Path):
@@ -213,11 +301,12 @@ def offline_data(cfg: AlignConfig, pipe, out: Path):
 
 
 def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float,
-           extra: dict | None = None) -> Path:
+           extra: dict | None = None, evaluation: dict | None = None) -> Path:
     """Fuse the adapters into plain weights, save ACE tokens, write the checkpoint and its manifest."""
     from training.model.checkpoint import Manifest, save_checkpoint
 
-    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip())
+            if "reward" in r]
     pipe.unet.fuse_lora()
     pipe.unet.unload_lora()
     ace = getattr(pipe, "ace", None)
@@ -228,7 +317,8 @@ def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, image
                         config={"align": dataclasses.asdict(cfg), "rewards": versions,
                                 "reward_weights": cfg.weights if versions else {}, **(extra or {})},
                         metrics={"reward_first_round": rows[0]["reward"], "reward_last_round": rows[-1]["reward"],
-                                 "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows)})
+                                 "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows),
+                                 "heldout": evaluation or {}})
     folder = save_checkpoint(pipe, out / "checkpoint", manifest)
     if ace is not None:
         ace.save(folder)
