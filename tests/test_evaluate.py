@@ -40,9 +40,18 @@ def test_evaluate_writes_every_metric(setup):
                      judge_arch="resnet18", judge_size=32, judge_epochs=1, n_prompts=24, diversity_prompts=2,
                      augment_real=12, augment_synthetic=8, augment_epochs=1, steps=2, batch_size=8, scheduler="euler_a",
                      train_split="train", val_split="train", test_split="train")
+    held = root / "held.jsonl"
+    held.write_text('{"prompt": "Large right pleural effusion.", "findings": [{"kind": "pleural_effusion", '
+                    '"side": "right", "severity": "large"}]}\n{"prompt": "Clear lungs.", "findings": []}\n')
+    cfg.prompts_file = str(held)
     m = evaluate(cfg)
-    for k in KEYS:
-        assert k in m
+    for k in KEYS + ("auroc_ratio", "auroc_ratio_mean", "judge_auroc_vae", "panel_plausible_rate",
+                     "panel_plausible_rate_real", "positives", "pneumothorax_lucency", "fid_ratio_to_floor"):
+        assert k in m, k
+    assert m["n_prompts"] == 24 and m["n_prompts_extra"] == 2
+    assert m["positives"]["Pleural Effusion"] >= 1 and 0 <= m["panel_plausible_rate"] <= 1
+    for k, r in m["auroc_ratio"].items():
+        assert r == pytest.approx(m["conditioning_auroc"][k] / m["judge_auroc_real"][k])
     for k in ("fid", "fid_floor", "fid_vae_reconstruction", "ms_ssim_generated", "ms_ssim_real", "posture_error_deg"):
         assert m[k] is not None and math.isfinite(m[k]), k
     assert 0 <= m["ms_ssim_generated"] <= 1 and m["fid"] >= 0
@@ -50,6 +59,7 @@ def test_evaluate_writes_every_metric(setup):
     assert saved["fid"] == m["fid"] and saved["scheduler"] == "euler_a"
     for f in ("report.md", "samples.png", "auroc.png", "judge/judge.json"):
         assert (root / "report" / f).is_file(), f
+    assert "panel plausible rate" in (root / "report" / "report.md").read_text()
 
 
 def test_cli_writes_metrics_into_the_manifest(setup, tmp_path):
@@ -95,3 +105,22 @@ def test_youden_threshold_and_msssim():
     assert mean_pairwise_msssim([torch.cat([x, x])]) == pytest.approx(1.0, abs=1e-4)
     noise = torch.rand(2, 1, 64, 64) * 2 - 1
     assert mean_pairwise_msssim([noise]) < 0.5
+
+
+def test_pneumothorax_lucency_tells_a_lucent_space_from_an_opacity():
+    """Real films define the region; a generator drawing a dark smooth space scores like them, one drawing
+    a bright patch scores the opposite way."""
+    from training.evaluate.lucency import pneumothorax_lucency
+
+    g = torch.Generator().manual_seed(0)
+    base = lambda n: (torch.rand(n, 1, 64, 64, generator=g) - 0.5) * 0.4  # noqa: E731  (textured "lung")
+    rows = [{"findings": []}] * 8 + [{"findings": [{"kind": "pneumothorax", "side": "right"}]}] * 8
+    real = base(16)
+    real[8:, :, 6:26, 4:24] = -0.9  # dark, without texture, at the right apex (image left)
+    opaque = base(16)
+    opaque[8:, :, 6:26, 4:24] += 0.6
+    r = pneumothorax_lucency(real, rows, real, rows, real, rows, share=0.05)
+    assert r["real"]["delta_intensity"] < -0.5 and r["real"]["texture_ratio"] < 0.1
+    assert r["region_pixels"]["right"] == int(0.05 * 64 * 64) and "left" not in r["region_pixels"]
+    o = pneumothorax_lucency(real, rows, real, rows, opaque, rows, share=0.05)["generated"]
+    assert o["delta_intensity"] > 0.3 and o["texture_ratio"] > 0.5

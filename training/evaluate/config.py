@@ -16,8 +16,10 @@ class EvalConfig:
     judge_epochs: int = 8  # judge training epochs
     judge_size: int = 128  # judge input side
     n_prompts: int = 200  # held-out test prompts, one image each (conditioning, FID, posture)
+    prompts_file: str | None = None  # more held-out prompts (.jsonl with findings / .txt), generated-only: conditioning, panel
+    panel: str | None = None  # simulated expert panel for the plausibility rate (default: models/panel; "none": skip)
     diversity_prompts: int = 25  # prompts with 4 samples each for MS-SSIM
-    augment_real: int = 200  # N real training images in the augmentation experiment
+    augment_real: int = 200  # N real training images in the augmentation experiment (0: skip the experiment)
     augment_synthetic: int = 200  # M synthetic images added to them
     augment_epochs: int = 6  # epochs of each augmentation classifier
     augment_arch: str = "resnet18"  # backbone of the augmentation classifiers

@@ -80,8 +80,12 @@ def dataset(cfg: EvalConfig, split: str, size: int, gt: bool = True):
     return MimicCXRDataset(root=cfg.data, split=split, size=size, normalize="unit", return_ground_truth=gt)
 
 
-def get_judge(cfg: EvalConfig) -> J.CXRJudge:
-    """Load --judge, or the one trained into OUT/judge before, or train it now (simulator ground truth)."""
+def get_judge(cfg: EvalConfig, size: int | None = None) -> J.CXRJudge:
+    """Load --judge, or the one trained into OUT/judge before, or train it now (simulator ground truth).
+
+    A judge trains on the data read at ``size``, the generator's resolution (default: its own input side),
+    and resizes to its input side itself: it learns from what it will grade, since the held-out real and
+    generated images it reads are at the generator's resolution."""
     path = Path(cfg.judge) if cfg.judge else Path(cfg.out) / "judge"
     if (path / "judge.json").is_file():
         return J.load_judge(path, device=cfg.device)
@@ -89,8 +93,8 @@ def get_judge(cfg: EvalConfig) -> J.CXRJudge:
         raise FileNotFoundError(f"no judge.json in {path}")
     jc = J.JudgeConfig(arch=cfg.judge_arch, image_size=cfg.judge_size, epochs=cfg.judge_epochs, seed=cfg.seed,
                        device=cfg.device)
-    return J.train_judge(dataset(cfg, cfg.train_split, cfg.judge_size), dataset(cfg, cfg.val_split, cfg.judge_size),
-                         jc, path)
+    size = size or cfg.judge_size
+    return J.train_judge(dataset(cfg, cfg.train_split, size), dataset(cfg, cfg.val_split, size), jc, path)
 
 
 def take(ds, n: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -230,11 +234,17 @@ def write_report(m: dict, out: Path) -> None:
     def f(v):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
+    extra = f" plus {m['n_prompts_extra']} from the prompts file" if m.get("n_prompts_extra") else ""
     lines = [f"# Evaluation of {m['model_version']}", "", f"Data: `{m['data']}`; {m['n_prompts']} held-out test "
-             f"prompts; {m.get('scheduler', 'ddim')} sampler, {m['steps']} steps, guidance {m['guidance']}.", "",
+             f"prompts{extra}; {m.get('scheduler', 'ddim')} sampler, {m['steps']} steps, guidance {m['guidance']}.", "",
              "| metric | generated | real |",
              "|---|---|---|",
              f"| conditioning AUROC (mean) | {f(m['conditioning_auroc_mean'])} | {f(m['judge_auroc_real_mean'])} |",
+             f"| generated / real AUROC ratio: mean, min | {f(m.get('auroc_ratio_mean'))} | "
+             f"min {f(m.get('auroc_ratio_min'))} |",
+             f"| judge AUROC on VAE round trips of real images (mean) | | {f(m.get('judge_auroc_vae_mean'))} |",
+             f"| panel plausible rate (majority) | {f(m.get('panel_plausible_rate'))} | "
+             f"{f(m.get('panel_plausible_rate_real'))} |",
              f"| effusion detection rate (moderate/large) | {f(m['effusion_detection_rate'])} | "
              f"{f(m['effusion_detection_rate_real'])} |",
              f"| FID (judge features) | {f(m['fid'])} | floor {f(m['fid_floor'])} |",
@@ -242,12 +252,25 @@ def write_report(m: dict, out: Path) -> None:
              f"| FID of VAE reconstructions (autoencoder's share) | {f(m['fid_vae_reconstruction'])} | |",
              f"| MS-SSIM, 4 samples per prompt | {f(m['ms_ssim_generated'])} | {f(m['ms_ssim_real'])} |",
              f"| mean abs rotation from canonical (deg) | {f(m['posture_error_deg'])} | "
-             f"{f(m['posture_error_deg_real'])} |",
-             f"| augmentation: AUROC real only / real + synthetic | {f(m['augmentation_auroc_real_only'])} | "
-             f"{f(m['augmentation_auroc_real_plus_synthetic'])} |", "",
-             "Per finding (conditioning AUROC): " + ", ".join(
-                 f"{k} {f(v)}" for k, v in m["conditioning_auroc"].items() if v is not None),
-             "", "![samples](samples.png)", "", "![auroc](auroc.png)", ""]
+             f"{f(m['posture_error_deg_real'])} |"]
+    luc = m.get("pneumothorax_lucency", {})
+    if "real" in luc:
+        lines.append(f"| pneumothorax region: intensity vs normal / texture ratio | "
+                     f"{f(luc['generated']['delta_intensity'])} / {f(luc['generated']['texture_ratio'])} | "
+                     f"{f(luc['real']['delta_intensity'])} / {f(luc['real']['texture_ratio'])} |")
+    if "augmentation_auroc_real_only" in m:
+        lines.append(f"| augmentation: AUROC real only / real + synthetic | {f(m['augmentation_auroc_real_only'])} | "
+                     f"{f(m['augmentation_auroc_real_plus_synthetic'])} |")
+    lines += ["", "| finding | positives | AUROC generated | AUROC real | ratio | AUROC VAE round trip |",
+              "|---|---|---|---|---|---|"]
+    for k, v in m["conditioning_auroc"].items():
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        lines.append(f"| {k} | {m.get('positives', {}).get(k, '')} | {f(v)} | {f(m['judge_auroc_real'].get(k))} | "
+                     f"{f(m.get('auroc_ratio', {}).get(k))} | {f(m.get('judge_auroc_vae', {}).get(k))} |")
+    lines += ["", "![samples](samples.png)", "", "![auroc](auroc.png)", ""]
+    if "real" in luc:
+        lines += ["![pneumothorax](pneumothorax.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
@@ -279,21 +302,48 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     set_scheduler(pipe, cfg.scheduler)
     size = pipe.vae.config.sample_size
-    judge = get_judge(cfg)
+    judge = get_judge(cfg, size)
     test_imgs, test_labels, test_rows = take(dataset(cfg, cfg.test_split, size), cfg.n_prompts)
     val_imgs, val_labels, _ = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
-    # 3. One image per held-out prompt.
+    # 3. One image per held-out prompt: the test split's, then the prompts file's (worded otherwise).
     prompts = [r["prompt"] for r in test_rows]
-    gen_imgs = generate_images(pipe, prompts, cfg, cfg.seed)
+    extra_prompts, extra_labels, extra_rows = extra_heldout(cfg)
+    all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed)
+    gen_imgs, extra_imgs = all_imgs[:len(prompts)], all_imgs[len(prompts):]
     m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
-         "n_prompts": len(prompts), "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler}
-    m.update(conditioning(judge, ImageSet(val_imgs, val_labels), ImageSet(gen_imgs, test_labels), test_rows,
-                          test_imgs, test_labels, test_rows))
+         "n_prompts": len(prompts), "n_prompts_extra": len(extra_prompts), "steps": cfg.steps,
+         "guidance": cfg.guidance, "scheduler": cfg.scheduler}
+    held_labels = torch.cat([test_labels, extra_labels]) if extra_prompts else test_labels
+    m.update(conditioning(judge, ImageSet(val_imgs, val_labels), ImageSet(all_imgs, held_labels),
+                          test_rows + extra_rows, test_imgs, test_labels, test_rows))
+    m["positives"] = {o: int((held_labels[:, i] == 1).sum()) for i, o in enumerate(OBSERVATIONS)}
+    m.update(auroc_ratio(m["conditioning_auroc"], m["judge_auroc_real"]))
+    if extra_prompts:
+        m["conditioning_auroc_mean_extra"] = J.mean_auroc(judge_aurocs(judge, extra_imgs, extra_labels))
+    # 4b. Can the autoencoder carry each finding? The judge on VAE round trips of the real test images.
+    rt_test = vae_roundtrip(pipe, test_imgs)
+    m["judge_auroc_vae"] = judge_aurocs(judge, rt_test, test_labels)
+    m["judge_auroc_vae_mean"] = J.mean_auroc(m["judge_auroc_vae"])
+    # 4c. The simulated expert panel's plausibility verdicts (a different network from judge and rewards).
+    m.update(panel_rates(cfg, all_imgs, [r.get("findings", []) for r in test_rows + extra_rows], test_imgs,
+                         [r.get("findings", []) for r in test_rows]))
+    # 4d. Pneumothorax: lucent and without markings, as in real films? (region from real validation films)
+    from . import lucency
+
+    _, _, val_rows = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
+    try:
+        luc = lucency.pneumothorax_lucency(val_imgs, val_rows, test_imgs, test_rows, gen_imgs, test_rows)
+        lucency.plot(luc, test_imgs, test_rows, gen_imgs, test_rows, out / "pneumothorax.png")
+        luc.pop("_masks")
+        m["pneumothorax_lucency"] = luc
+    except ValueError as e:  # no normal or no pneumothorax films among the held-out ones
+        m["pneumothorax_lucency"] = {"skipped": str(e)}
     # 5. FID / KID on judge features, and the real-vs-real floor (test vs validate).
     feat = JudgeFeatures(judge)
     m["fid"], m["kid"] = fid_kid(feat, test_imgs, gen_imgs)
     m["fid_floor"], m["kid_floor"] = fid_kid(feat, test_imgs, val_imgs)
     m["fid_vae_reconstruction"], _ = fid_kid(feat, test_imgs, vae_roundtrip(pipe, val_imgs))
+    m["fid_ratio_to_floor"] = m["fid"] / m["fid_floor"] if m["fid_floor"] else math.nan
     # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
     k = min(cfg.diversity_prompts, len(prompts))
     rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000)
@@ -303,7 +353,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     m["posture_error_deg"] = mean_abs_rotation(judge, gen_imgs)
     m["posture_error_deg_real"] = mean_abs_rotation(judge, test_imgs)
     # 8. Augmentation utility.
-    m.update(augmentation(cfg, pipe, size, test_imgs, test_labels, out))
+    if cfg.augment_real > 0:
+        m.update(augmentation(cfg, pipe, size, test_imgs, test_labels, out))
     # 9. Report.
     save_grid(gen_imgs[:16], prompts[:16], out / "samples.png")
     auroc_plot(m["conditioning_auroc"], m["judge_auroc_real"], out / "auroc.png")
@@ -311,6 +362,50 @@ def evaluate(cfg: EvalConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
     write_report(m, out)
     return m
+
+
+def extra_heldout(cfg: EvalConfig) -> tuple[list[str], torch.Tensor, list[dict]]:
+    """The prompts file's held-out prompts, their labels (N, 14) and rows shaped like ground-truth rows."""
+    from ..findings import labels as finding_labels
+    from ..generation import read_prompts_file
+
+    if not cfg.prompts_file:
+        return [], torch.zeros(0, len(OBSERVATIONS)), []
+    pairs = read_prompts_file(cfg.prompts_file)
+    labels = torch.tensor([[finding_labels(fs)[o] for o in OBSERVATIONS] for _, fs in pairs])
+    return [p for p, _ in pairs], labels, [{"prompt": p, "findings": [f.to_dict() for f in fs]} for p, fs in pairs]
+
+
+def judge_aurocs(judge, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    probs, lab, mask, _, _ = J.predict(judge, ImageSet(images, labels))
+    return J.auroc_per_finding(probs, lab, mask)
+
+
+def auroc_ratio(gen: dict, real: dict) -> dict:
+    """Issue 8's conditioning measure: the judge's AUROC on generated images over its AUROC on real ones,
+    per finding (a generated image should carry as much of the finding as a real one, for the same judge)."""
+    ratio = {k: gen[k] / real[k] for k in gen
+             if gen.get(k) is not None and real.get(k) is not None and not math.isnan(gen[k])
+             and not math.isnan(real[k]) and real[k] > 0}
+    vals = list(ratio.values())
+    return {"auroc_ratio": ratio, "auroc_ratio_mean": float(np.mean(vals)) if vals else math.nan,
+            "auroc_ratio_min": float(np.min(vals)) if vals else math.nan}
+
+
+def panel_rates(cfg: EvalConfig, gen_imgs: torch.Tensor, gen_findings: list, real_imgs: torch.Tensor,
+                real_findings: list) -> dict:
+    """The panel's majority plausibility rate on the generated images and on the real test films."""
+    from ..align.heldout import load_eyes, panel_verdicts
+
+    if cfg.panel == "none":
+        return {}
+    panel, raters, _ = load_eyes(cfg.panel, None, device=cfg.device)
+    if panel is None:
+        return {}
+    gen = panel_verdicts(panel, raters, gen_imgs, gen_findings, cfg.seed, "evaluate")
+    real = panel_verdicts(panel, raters, real_imgs, real_findings, cfg.seed, "evaluate-real")
+    return {"panel_plausible_rate": gen["panel_plausible_rate"], "panel_plausible_ratings": gen["panel_plausible_ratings"],
+            "panel_plausible_rate_real": real["panel_plausible_rate"], "panel_version": panel.version}
 
 
 def augmentation(cfg: EvalConfig, pipe, size: int, test_imgs, test_labels, out: Path) -> dict:
