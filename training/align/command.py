@@ -64,3 +64,45 @@ def run(args: argparse.Namespace) -> int:
     folder = align(cfg)
     print(json.dumps({"checkpoint": str(folder)}))
     return 0
+
+
+def register_loop(sub: argparse._SubParsersAction) -> None:
+    """``cxrgen loop``: a flag per LoopConfig field, its comment as the help text."""
+    from training.reward.command import _field_comments
+
+    from .loop_config import TARGETS, LoopConfig
+
+    p = sub.add_parser(
+        "loop", help="rounds of generate -> expert feedback -> rewards -> align -> held-out gate",
+        description="Run --rounds rounds of the feedback loop from --model (default models/default). Each round: "
+                    "the current model generates images of training prompts (--prompts-from / --prompts-file), the "
+                    "simulated panel rates and compares them into the store (or, with --feedback, real experts' "
+                    "new ratings are imported from a service URL, a store URL or an NDJSON export), plausibility and comparative "
+                    "rewards retrain on the store, the model is aligned (--method), and the current model and the "
+                    "candidate are evaluated on the same held-out prompts. The candidate is promoted only if "
+                    "--target rises by more than --min-gain and no guard falls past its tolerance. Writes "
+                    "OUT/round-K/ (prompts.jsonl, generated/, rewards/, align/, steps/, log.txt, report.json, "
+                    "report.md), OUT/current.json (the model the next round starts from) and OUT/feedback/ (the "
+                    "default store). Resumable: run the same command again (a larger --rounds runs only new rounds).")
+    notes = _field_comments(LoopConfig)
+    defaults = LoopConfig()
+    for f in dataclasses.fields(LoopConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        shown = "" if default in (None, "") else f" (default: {default})"
+        help_ = (notes.get(f.name, "") + shown).replace("%", "%%")
+        if f.name == "method":
+            p.add_argument(flag, default=default, choices=METHODS, help=help_)
+        elif f.name == "target":
+            p.add_argument(flag, default=default, choices=TARGETS, help=help_)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=default, help=help_)
+    p.set_defaults(func=run_loop)
+
+
+def run_loop(args: argparse.Namespace) -> int:
+    from .loop import run_loop as loop
+    from .loop_config import LoopConfig
+
+    loop(LoopConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoopConfig)}))
+    return 0

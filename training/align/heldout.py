@@ -58,9 +58,11 @@ def sample(pipe, held: HeldoutSet, seed: int, steps: int, guidance: float, batch
            size: int | None = None) -> torch.Tensor:
     """One image per held-out prompt, (N, 1, H, W) in [-1, 1]; image i from ``seed + i`` (as ``generate``)."""
     from diffusers import DDIMScheduler
+    from diffusers.utils import logging as diffusers_logging
 
     from training.generation import generate
 
+    diffusers_logging.set_verbosity_error()  # not a warning quoting the cut-off words of every long report
     sched = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(sched.config)  # eta = 0 in the pipeline: deterministic
     try:

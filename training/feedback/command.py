@@ -132,13 +132,15 @@ def run_import(args) -> int:
     return 0
 
 
-def _import_url(args) -> int:
-    """Stream ``/feedback/stream?after=C`` of a running service into this store, line by line."""
+def import_url(store, source: str, after: int = 0) -> dict:
+    """Stream ``/feedback/stream?after=C`` of a running service into ``store``, line by line; returns the
+    events read and the stream's final cursor. A stream cut short is a ValueError (importing is idempotent,
+    so running it again is safe)."""
     from ..remote import request
     from .exchange import import_events
 
-    base = args.file.rstrip("/")
-    url = base if "/feedback/stream" in base else f"{base}/feedback/stream?after={int(args.after)}"
+    base = source.rstrip("/")
+    url = base if "/feedback/stream" in base else f"{base}/feedback/stream?after={int(after)}"
     end: dict = {}
 
     def lines(resp):
@@ -151,10 +153,16 @@ def _import_url(args) -> int:
             yield line
 
     resp = request("GET", url, timeout=60, accept="application/x-ndjson")
-    with resp, _open(args, upgrade=True) as store:
+    with resp:
         n = import_events(store, lines(resp), url)
-        if not end:
-            raise ValueError(f"{url}: the stream ended without its final status line (cut short after {n} "
-                             "events); run the import again: it is idempotent")
-        print(json.dumps({"events": n, **store.counts(), "stream_cursor": end.get("cursor")}))
+    if not end:
+        raise ValueError(f"{url}: the stream ended without its final status line (cut short after {n} "
+                         "events); run the import again: it is idempotent")
+    return {"events": n, "stream_cursor": end.get("cursor")}
+
+
+def _import_url(args) -> int:
+    with _open(args, upgrade=True) as store:
+        res = import_url(store, args.file, args.after)
+        print(json.dumps({"events": res["events"], **store.counts(), "stream_cursor": res["stream_cursor"]}))
     return 0

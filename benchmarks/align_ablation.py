@@ -1,0 +1,224 @@
+"""The alignment ablation (issue 8, section 3): each method from the same default model, then one evaluation.
+
+Methods, as CXRL's table plus two beyond the seed papers: rwl (Sun et al.), ddpo, ddpo + rlcf, ddpo + rlcf
++ ace (CXRL), draft (DRaFT-K) and dpo (Diffusion-DPO on the store's expert comparisons); the baseline is
+the starting model. Every method trains on prompts of a simulated training split (--prompts-data) with the
+committed reward models, is probed on held-out validation prompts (--eval-data), and its checkpoint is
+evaluated by ``cxrgen evaluate`` on the test split of --eval-data plus the hand-written held-out prompts
+(training/align/prompts/heldout.jsonl), with the evaluation judge (--judge, never a reward) and the panel.
+
+Each step is resumable: a finished align run or evaluation is skipped, an interrupted one resumes.
+
+Usage: python benchmarks/align_ablation.py [--only ddpo,dpo] [--iterations 40] [--skip-eval]
+Writes benchmarks/results/align-ablation-cpu.json, docs/align_curves.png, docs/align_before_after.png
+and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from simulate import machine  # noqa: E402
+
+HELDOUT = "training/align/prompts/heldout.jsonl"
+STORE = ["--feedback", "sqlite:///runs/feedback/store.db", "--feedback-blobs", "runs/feedback/blobs"]
+METHODS = {
+    "rwl": ["--method", "rwl", *STORE, "--real-data", "{prompts_data}"],
+    "ddpo": ["--method", "ddpo"],
+    "ddpo+rlcf": ["--method", "ddpo", "--rlcf"],
+    "ddpo+rlcf+ace": ["--method", "ddpo", "--rlcf", "--ace"],
+    "draft": ["--method", "draft", "--draft-k", "1"],
+    "dpo": ["--method", "dpo", *STORE],
+}
+FINDINGS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
+            "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Support Devices", "No Finding")
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(cmd), flush=True)
+    with log.open("a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def align(name: str, a) -> Path:
+    out = REPO / a.runs / name
+    ckpt = out / "checkpoint"
+    if (ckpt / "cxrgen_manifest.json").is_file():
+        return ckpt
+    args = [x.format(prompts_data=a.prompts_data) for x in METHODS[name]]
+    run([sys.executable, "-m", "training.cli", "align", *args, "--out", str(out.relative_to(REPO)),
+         "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
+         "--eval-every", str(a.eval_every), "--eval-data", a.eval_data, "--eval-limit", "32",
+         "--save-every", "5", "--seed", "0", *(["--judge", a.judge] if a.probe_judge else [])],
+        REPO / a.runs / f"{name}.log")
+    return ckpt
+
+
+def evaluate(name: str, model: Path, a) -> dict:
+    out = REPO / a.runs / f"eval-{name}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(out.relative_to(REPO)), "--model", str(model),
+         "--data", a.eval_data, "--judge", a.judge, "--n-prompts", str(a.n_prompts), "--prompts-file", HELDOUT,
+         "--augment-real", "0", "--seed", "0"], REPO / a.runs / f"eval-{name}.log")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def log_rows(name: str, a) -> list[dict]:
+    path = REPO / a.runs / name / "log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def row(name: str, m: dict, a) -> dict:
+    rows = log_rows(name, a)
+    manifest = {}
+    ckpt = REPO / a.runs / name / "checkpoint" / "cxrgen_manifest.json"
+    if ckpt.is_file():
+        manifest = json.loads(ckpt.read_text()).get("metrics", {})
+    return {"method": name, "panel_plausible_rate": m.get("panel_plausible_rate"),
+            "conditioning_auroc_mean": m.get("conditioning_auroc_mean"),
+            "conditioning_auroc": {k: m["conditioning_auroc"].get(k) for k in FINDINGS},
+            "judge_auroc_real": {k: m["judge_auroc_real"].get(k) for k in FINDINGS},
+            "auroc_ratio": m.get("auroc_ratio"), "auroc_ratio_mean": m.get("auroc_ratio_mean"),
+            "auroc_ratio_min": m.get("auroc_ratio_min"),
+            "effusion_detection_rate": m.get("effusion_detection_rate"), "fid": m.get("fid"),
+            "fid_floor": m.get("fid_floor"), "fid_ratio_to_floor": m.get("fid_ratio_to_floor"),
+            "ms_ssim_generated": m.get("ms_ssim_generated"), "posture_error_deg": m.get("posture_error_deg"),
+            "pneumothorax_lucency": m.get("pneumothorax_lucency"),
+            "align_seconds": manifest.get("seconds", 0.0), "images_sampled": manifest.get("images_sampled", 0),
+            "rounds": manifest.get("rounds", 0), "selected_round": (manifest.get("heldout") or {}).get("selected_round"),
+            "early_stop": (manifest.get("heldout") or {}).get("early_stop"),
+            "heldout_probes": [r["heldout"] for r in rows if "heldout" in r]}
+
+
+def fmt(v, d=3):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| method | panel plausible | cond. AUROC mean | AUROC ratio mean / min | effusion det. | FID / floor | "
+            "MS-SSIM | posture err (deg) | ptx lucency d-int | wall-clock (s) | images sampled |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        luc = (r.get("pneumothorax_lucency") or {}).get("generated", {})
+        lines.append(f"| {r['method']} | {fmt(r['panel_plausible_rate'])} | {fmt(r['conditioning_auroc_mean'])} | "
+                     f"{fmt(r['auroc_ratio_mean'])} / {fmt(r['auroc_ratio_min'])} | {fmt(r['effusion_detection_rate'])} | "
+                     f"{fmt(r['fid'], 1)} / {fmt(r['fid_floor'], 1)} | {fmt(r['ms_ssim_generated'])} | "
+                     f"{fmt(r['posture_error_deg'], 2)} | {fmt(luc.get('delta_intensity'))} | "
+                     f"{fmt(r['align_seconds'], 0)} | {r['images_sampled']} |")
+    per = ["", "| finding | real | " + " | ".join(r["method"] for r in rows) + " |",
+           "|---|---|" + "---|" * len(rows)]
+    for k in FINDINGS:
+        real = rows[0]["judge_auroc_real"].get(k)
+        per.append(f"| {k} | {fmt(real)} | " + " | ".join(
+            f"{fmt(r['conditioning_auroc'].get(k))} ({fmt((r['auroc_ratio'] or {}).get(k), 2)})" for r in rows) + " |")
+    return "\n".join(lines + per)
+
+
+def curves(names: list[str], a, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name in names:
+        rows = log_rows(name, a)
+        train = [(r["images_sampled"], r["reward"]) for r in rows if "reward" in r]
+        probes = [(r["images_sampled"], r["heldout"]) for r in rows if "heldout" in r]
+        if name in ("rwl", "dpo"):  # store-driven: no images sampled; plot against rounds
+            train = [(r["iteration"], r["reward"]) for r in rows if "reward" in r]
+            probes = [(r["iteration"], r["heldout"]) for r in rows if "heldout" in r]
+        if train and name not in ("rwl", "dpo"):
+            axes[0].plot(*zip(*train), label=name, lw=0.8)
+        if probes:
+            x = [p[0] for p in probes]
+            axes[1].plot(x, [p[1].get("reward", math.nan) for p in probes], marker="o", ms=3, label=name)
+            axes[2].plot(x, [p[1].get("panel_plausible_rate", math.nan) for p in probes], marker="o", ms=3, label=name)
+    axes[0].set_title("training reward (on-policy methods)", fontsize=9)
+    axes[1].set_title("held-out reward (validation prompts)", fontsize=9)
+    axes[2].set_title("held-out panel plausible rate", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("images sampled (rwl, dpo: rounds)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def before_after(base: str, best: Path, path: Path, a) -> None:
+    """The same held-out prompts and seeds from the baseline and the best aligned model, side by side."""
+    import torch
+
+    from training.align.heldout import HeldoutSet, sample
+    from training.evaluate.harness import save_grid
+    from training.model.checkpoint import load_pipeline
+
+    held = HeldoutSet.load(None, prompts_file=str(REPO / HELDOUT))
+    idx = [0, 5, 9, 14, 18, 22, 27, 33]
+    held = HeldoutSet([held.prompts[i] for i in idx], [held.findings[i] for i in idx])
+    imgs = []
+    for model in (base, best):
+        pipe, _ = load_pipeline(model)
+        imgs.append(sample(pipe, held, 0, 25, 4.0))
+    grid = torch.stack([imgs[0], imgs[1]], 1).flatten(0, 1)
+    caps = [f"{'before' if j == 0 else 'after'}: {p}" for p in held.prompts for j in range(2)]
+    save_grid(grid, caps, path, cols=4)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=None, help="comma-separated methods (default: all)")
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--prompts-data", default="runs/sim-panel", help="training prompts (simulated, train split)")
+    p.add_argument("--eval-data", default="runs/sim256-judge", help="held-out data: validate (probes), test (evaluation)")
+    p.add_argument("--judge", default="runs/judge256", help="evaluation judge folder")
+    p.add_argument("--probe-judge", action="store_true", help="also give the judge to the align runs' probes")
+    p.add_argument("--n-prompts", type=int, default=600)
+    p.add_argument("--runs", default="runs/abl")
+    p.add_argument("--baseline", default="models/default")
+    p.add_argument("--skip-eval", action="store_true", help="align only")
+    a = p.parse_args()
+    os.chdir(REPO)
+    (REPO / a.runs).mkdir(parents=True, exist_ok=True)
+    names = a.only.split(",") if a.only else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    ckpts = {n: align(n, a) for n in names}
+    if a.skip_eval:
+        return 0
+    rows = [row("baseline", evaluate("baseline", REPO / a.baseline, a), a)]
+    rows += [row(n, evaluate(n, ckpts[n], a), a) for n in names]
+    base = rows[0]
+    best = max(rows[1:], key=lambda r: r["panel_plausible_rate"] or -1)
+    result = {"benchmark": "align-ablation", "device": machine(), "baseline": a.baseline, "eval_data": a.eval_data,
+              "prompts_data": a.prompts_data, "judge": a.judge, "n_prompts": a.n_prompts, "heldout_file": HELDOUT,
+              "iterations": a.iterations, "rows": rows, "best": best["method"],
+              "best_vs_baseline": {"panel_plausible_gain": (best["panel_plausible_rate"] or 0)
+                                   - (base["panel_plausible_rate"] or 0),
+                                   "auroc_ratio_mean": best["auroc_ratio_mean"], "auroc_ratio_min": best["auroc_ratio_min"],
+                                   "fid_change": best["fid"] / base["fid"] - 1 if base["fid"] else None,
+                                   "ms_ssim_change": best["ms_ssim_generated"] - base["ms_ssim_generated"]}}
+    out = REPO / "benchmarks" / "results" / "align-ablation-cpu.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    curves(names, a, REPO / "docs" / "align_curves.png")
+    before_after(a.baseline, ckpts[best["method"]], REPO / "docs" / "align_before_after.png", a)
+    print(table(rows))
+    print(json.dumps(result["best_vs_baseline"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
