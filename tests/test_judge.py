@@ -1,5 +1,6 @@
 """Judge models (issue 3, section 5): training artifacts, round trip, overfitting, metrics, errors."""
 
+import dataclasses
 import json
 import math
 
@@ -163,3 +164,33 @@ def test_densenet_features_shape():
         out = judge(torch.zeros(1, 1, 64, 64))
         assert judge.features(torch.zeros(1, 1, 64, 64)).shape == (1, 1024)
     assert out["logits"].shape == (1, 14) and out["posture"].shape == (1, 7)
+
+
+def test_an_interrupted_judge_training_resumes_to_the_same_weights(sim, trained, tmp_path, monkeypatch):
+    """Killed after epoch 1, the same call resumes at epoch 2 and ends with the uninterrupted run's weights."""
+    import training.evaluate.judge as J
+
+    straight, _, cfg = trained
+    save = J._save_epoch
+
+    def save_then_die(out, cfg_, epoch, *a):
+        save(out, cfg_, epoch, *a)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(J, "_save_epoch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path)
+    assert (tmp_path / J.STATE_FILE).is_file() and not (tmp_path / "judge.json").is_file()
+    monkeypatch.setattr(J, "_save_epoch", save)
+    resumed = train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path)
+    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / J.STATE_FILE).exists()
+    other = JudgeConfig(**{**dataclasses.asdict(cfg), "epochs": 3})
+    monkeypatch.setattr(J, "_save_epoch", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(dataset(sim, "train"), dataset(sim, None), other, tmp_path / "o")
+    with pytest.raises(ValueError, match="another config"):
+        train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path / "o")

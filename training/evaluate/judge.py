@@ -317,15 +317,17 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
         judge.set_pose_stats(*pose_stats(train_ds))
     judge.to(device)
     optimizer = make_optimizer(judge, cfg)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                        collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                        pin_memory=device.type == "cuda")
+                        collate_fn=collate, generator=shuffle, pin_memory=device.type == "cuda")
     aug = torch.Generator().manual_seed(cfg.seed + 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader)) \
         if cfg.lr_schedule == "cosine" else None
-    (out / LOG_FILE).write_text("")  # a fresh log: it describes this model only
+    start = _resume(out, cfg, judge, optimizer, sched, shuffle, aug)
+    if start == 0:
+        (out / LOG_FILE).write_text("")  # a fresh log: it describes this model only
     metrics: dict = {}
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         parts = []
         for batch in loader:
@@ -341,8 +343,45 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
             f.write(json.dumps(_jsonable(metrics)) + "\n")
         log.info("judge epoch %d/%d: loss %.4f, val mean AUROC %s", epoch, cfg.epochs,
                  metrics["train_loss"], metrics.get("val_mean_auroc"))
+        _save_epoch(out, cfg, epoch, judge, optimizer, sched, shuffle, aug, metrics)
+    if not metrics and start:  # resumed after the last epoch: its metrics are in the state
+        metrics = torch.load(out / STATE_FILE, weights_only=False)["metrics"]
     save_judge(judge, cfg, out, metrics)
+    (out / STATE_FILE).unlink(missing_ok=True)
     return judge.eval()
+
+
+STATE_FILE = "state.pt"  # the last finished epoch of an interrupted training: run it again to resume
+
+
+def _save_epoch(out: Path, cfg: JudgeConfig, epoch: int, judge, optimizer, sched, shuffle, aug, metrics) -> None:
+    blob = {"config": dataclasses.asdict(cfg), "epoch": epoch, "model": judge.state_dict(),
+            "optimizer": optimizer.state_dict(), "sched": sched.state_dict() if sched else None,
+            "shuffle": shuffle.get_state(), "aug": aug.get_state(), "metrics": _jsonable(metrics)}
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, out / STATE_FILE)  # a kill mid-save keeps the previous epoch's state
+
+
+def _resume(out: Path, cfg: JudgeConfig, judge, optimizer, sched, shuffle, aug) -> int:
+    """Epochs finished by an interrupted training of the same config in ``out`` (0: start afresh)."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return 0
+    blob = torch.load(path, weights_only=False, map_location="cpu")
+    same = {k: v for k, v in blob["config"].items() if k not in ("device", "num_workers")} == \
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_workers")}
+    if not same:
+        raise ValueError(f"{out} holds an interrupted judge training with another config; use another folder "
+                         f"or delete {path}")
+    judge.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(blob["sched"])
+    shuffle.set_state(blob["shuffle"])
+    aug.set_state(blob["aug"])
+    log.info("judge: resuming after epoch %d in %s", blob["epoch"], out)
+    return int(blob["epoch"])
 
 
 # ------------------------------------------------------------------------ metrics
