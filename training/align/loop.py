@@ -510,7 +510,13 @@ def round_line(report: dict, cached: bool = False) -> dict:
 
 def run_loop(cfg: LoopConfig, progress: bool = True) -> dict:
     """Run (or resume) ``cfg.rounds`` rounds; prints a JSON line per round; returns the summary."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     cfg.validate()
+    # Not a warning quoting the cut-off words of every long report, from every pipeline call of every step.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, cfg)
