@@ -161,26 +161,31 @@ def curves(names: list[str], a, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name in names:
+    for i, name in enumerate(names):
         rows = log_rows(name, a)
-        train = [(r["images_sampled"], r["reward"]) for r in rows if "reward" in r]
-        probes = [(r["images_sampled"], r["heldout"]) for r in rows if "heldout" in r]
-        if name in ("rwl", "dpo"):  # store-driven: no images sampled; plot against rounds
-            train = [(r["iteration"], r["reward"]) for r in rows if "reward" in r]
-            probes = [(r["iteration"], r["heldout"]) for r in rows if "heldout" in r]
-        if train and name not in ("rwl", "dpo"):
-            axes[0].plot(*zip(*train), label=name, lw=0.8)
+        store = name in METHODS and METHODS[name][1] in ("rwl", "dpo")
+        # On-policy: images sampled. rwl / dpo sample none: a round learns from 8 stored images (pairs).
+        x = (lambda r: r["iteration"] * 8) if store else (lambda r: r["images_sampled"])  # noqa: E731
+        train = [(x(r), r["reward"]) for r in rows if "reward" in r]
+        probes = [(x(r), r["heldout"]) for r in rows if "heldout" in r]
+        style = {"ls": "--", "color": f"C{i}"} if store else {"color": f"C{i}"}
+        if train and not store:  # a round's mean over 8 images of 4 prompts is noisy: a running mean of 5 rounds
+            xs, ys = zip(*train)
+            smooth = np.convolve(ys, np.ones(5) / 5, mode="valid")
+            axes[0].plot(xs[4:], smooth, label=name, lw=1, color=f"C{i}")
         if probes:
-            x = [p[0] for p in probes]
-            axes[1].plot(x, [p[1].get("reward", math.nan) for p in probes], marker="o", ms=3, label=name)
-            axes[2].plot(x, [p[1].get("panel_plausible_rate", math.nan) for p in probes], marker="o", ms=3, label=name)
-    axes[0].set_title("training reward (on-policy methods)", fontsize=9)
-    axes[1].set_title("held-out reward (validation prompts)", fontsize=9)
-    axes[2].set_title("held-out panel plausible rate", fontsize=9)
+            xs = [p[0] for p in probes]
+            axes[1].plot(xs, [p[1].get("reward", math.nan) for p in probes], marker="o", ms=3, label=name, **style)
+            axes[2].plot(xs, [p[1].get("panel_plausible_rate", math.nan) for p in probes], marker="o", ms=3,
+                         label=name, **style)
+    axes[0].set_title("training reward (on-policy; running mean of 5 rounds)", fontsize=9)
+    axes[1].set_title("held-out reward (32 validation prompts)", fontsize=9)
+    axes[2].set_title("held-out panel plausible rate (32 validation prompts)", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("images sampled (rwl, dpo: rounds)", fontsize=8)
+        ax.set_xlabel("images sampled (dashed: stored images / pairs learned from)", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
