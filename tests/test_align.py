@@ -380,3 +380,23 @@ def test_align_probes_heldout_prompts_with_the_panel_and_keeps_the_best_round(mi
     best = max(probes, key=lambda p: p["reward"])
     assert h["selected_round"] == best["iteration"] and h["selected"]["reward"] == best["reward"]
     assert Manifest.read(ckpt).metrics["rounds"] == 3  # the probe rows are not rounds
+
+
+def test_probe_reports_the_judges_verdicts(micro_pipe, tmp_path):
+    """With a judge folder, a probe adds the judge's conditioning AUROC (where both classes occur) and agreement."""
+    from training.align.heldout import HeldoutSet, load_eyes, probe
+    from training.evaluate.judge import CXRJudge, JudgeConfig, save_judge
+    from training.findings import Finding
+
+    pipe, _ = micro_pipe
+    torch.manual_seed(0)
+    save_judge(CXRJudge("resnet18", 32), JudgeConfig(arch="resnet18", image_size=32), tmp_path / "judge")
+    held = HeldoutSet(["Large right pleural effusion.", "Normal chest.", "Small left pleural effusion.",
+                       "No acute process."], [[], [], [], []])
+    held.findings[0] = [Finding.from_dict({"kind": "pleural_effusion", "side": "right", "severity": "large"})]
+    held.findings[2] = [Finding.from_dict({"kind": "pleural_effusion", "side": "left", "severity": "small"})]
+    _, _, judge = load_eyes(None, str(tmp_path / "judge"))
+    v = probe(pipe, held, judge=judge, steps=2, guidance=2.0)
+    assert v["heldout_n"] == 4 and 0 <= v["judge_agreement"] <= 1
+    assert "Pleural Effusion" in v["judge_auroc"] and 0 <= v["judge_auroc_mean"] <= 1
+    assert "reward" not in v and "panel_plausible_rate" not in v  # only the eyes it was given
