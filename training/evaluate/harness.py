@@ -304,7 +304,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     size = pipe.vae.config.sample_size
     judge = get_judge(cfg, size)
     test_imgs, test_labels, test_rows = take(dataset(cfg, cfg.test_split, size), cfg.n_prompts)
-    val_imgs, val_labels, _ = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
+    val_imgs, val_labels, val_rows = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
     # 3. One image per held-out prompt: the test split's, then the prompts file's (worded otherwise).
     prompts = [r["prompt"] for r in test_rows]
     extra_prompts, extra_labels, extra_rows = extra_heldout(cfg)
@@ -330,7 +330,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     # 4d. Pneumothorax: lucent and without markings, as in real films? (region from real validation films)
     from . import lucency
 
-    _, _, val_rows = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
     try:
         luc = lucency.pneumothorax_lucency(val_imgs, val_rows, test_imgs, test_rows, gen_imgs, test_rows)
         lucency.plot(luc, test_imgs, test_rows, gen_imgs, test_rows, out / "pneumothorax.png")
