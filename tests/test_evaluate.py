@@ -64,15 +64,21 @@ def test_evaluate_writes_every_metric(setup):
 
 def test_cli_writes_metrics_into_the_manifest(setup, tmp_path):
     root = setup
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "Small left pneumothorax.", "findings": [{"kind": "pneumothorax", "side": "left", '
+                    '"severity": "small"}]}\n')
     proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(tmp_path),
                            "--model", str(root / "model"), "--data", str(root / "data"),
                            "--judge", str(root / "report" / "judge"), "--n-prompts", "16", "--diversity-prompts", "2",
                            "--augment-real", "8", "--augment-synthetic", "8", "--augment-epochs", "1",
                            "--steps", "2", "--augment-arch", "resnet18", "--val-split", "train",
-                           "--test-split", "train", "--write-manifest"], capture_output=True, text=True)
+                           "--test-split", "train", "--write-manifest",
+                           # `str | None` options take their value from the command line
+                           "--prompts-file", str(held), "--panel", "none"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = Manifest.read(root / "model")
     assert "conditioning_auroc_mean" in manifest.metrics and "fid_floor" in manifest.metrics
+    assert manifest.metrics["n_prompts_extra"] == 1 and manifest.metrics.get("panel_plausible_rate") is None
 
 
 def test_unknown_scheduler_is_a_clear_error(setup, tmp_path):

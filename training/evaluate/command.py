@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(EvalConfig):
         if f.name in ("out", "model", "data", "judge"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, dest=f.name)
+        kind = str if f.default is None else type(f.default)  # `str | None` fields (--prompts-file, --panel)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name)
     p.add_argument("--write-manifest", action="store_true", help="store the metrics in the model's manifest")
     p.set_defaults(func=run)
 
