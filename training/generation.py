@@ -4,6 +4,11 @@ Every image i of a run gets its own generator seeded ``seed + i``, so an image i
 reproducible on its own whatever the batch size, and the same seed and settings give
 the same image. Each file carries its provenance (PNG text chunks / DICOM attributes,
 ``training.provenance``); ``OUT/generation.jsonl`` lists them all.
+
+Backends (issue 10): ``torch`` runs the checkpoint's diffusers pipeline here; the others
+(``onnxruntime``, ``tensorrt``) run an export folder (``cxrgen export onnx``) and are looked up
+by name in the ``cxrgen.backends`` entry-point group, so this module never imports ``export``.
+Every backend writes the same files, log and scores.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import random
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+BACKENDS_GROUP = "cxrgen.backends"  # entry points: name -> load(model_folder, device=...) -> backend
+EXPORT_MANIFEST = "export.json"  # marks an export folder (written by `cxrgen export onnx`)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -79,6 +86,64 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, n
     return np.concatenate(out)
 
 
+class TorchBackend:
+    """The checkpoint's diffusers pipeline behind the interface every backend offers ``run``:
+    ``version``, ``native_size``, ``set_scheduler(name)``, ``generate(...)``, ``scorer()``."""
+
+    name = "torch"
+
+    def __init__(self, model: Path, device: str) -> None:
+        from .model.checkpoint import load_pipeline
+
+        self.pipe, manifest = load_pipeline(model, device=device)
+        self.version = manifest.version if manifest else model.name
+        self.native_size = int(self.pipe.vae.config.sample_size)
+
+    def set_scheduler(self, name: str) -> None:
+        set_scheduler(self.pipe, name)
+
+    def generate(self, prompts, seed, steps, guidance, negative, batch_size, size):
+        return generate(self.pipe, prompts, seed, steps, guidance, negative, batch_size, size)
+
+    def scorer(self):
+        return None  # the torch path scores with the reward folders (generation_scorer)
+
+
+def backend_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return ["torch", *sorted(ep.name for ep in entry_points(group=BACKENDS_GROUP))]
+
+
+def is_export_folder(model: Path) -> bool:
+    return (model / EXPORT_MANIFEST).is_file() and not (model / "model_index.json").is_file()
+
+
+def load_backend(name: str | None, model: Path, device: str):
+    """``--backend`` on ``--model``: torch on a checkpoint (or on the checkpoint an export folder names),
+    a registered backend on an export folder; None picks torch for checkpoints, onnxruntime for exports."""
+    from importlib.metadata import entry_points
+
+    name = name or ("onnxruntime" if is_export_folder(model) else "torch")
+    if name == "torch":
+        if is_export_folder(model):  # the export names its source checkpoint (export/folder.py)
+            source = Path(json.loads((model / EXPORT_MANIFEST).read_text())["source"]["checkpoint"])
+            if not source.is_dir():
+                raise FileNotFoundError(f"--backend torch: {model} was exported from {source}, which is not here; "
+                                        f"pass the checkpoint folder as --model or choose another --backend")
+            model = source
+        return TorchBackend(model, device)
+    found = {ep.name: ep for ep in entry_points(group=BACKENDS_GROUP)}
+    if name not in found:
+        raise ValueError(f"unknown --backend {name!r}; known: {backend_names()}")
+    try:
+        loader = found[name].load()
+    except ImportError as e:
+        raise ValueError(f"--backend {name} is not installed ({e}); pip install -e . (or '.[gpu]' for GPU "
+                         f"backends)") from None
+    return loader(model, device=device)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -111,7 +176,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default="ddim", help=f"one of {sorted(SCHEDULERS)}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
-    p.add_argument("--model", default=None, help="pipeline folder (default: models/default)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder, or an export folder from `cxrgen export onnx` (default: models/default)")
+    p.add_argument("--backend", default=None,
+                   help="torch | onnxruntime | tensorrt (registered backends); default: torch for a checkpoint, "
+                        "onnxruntime for an export folder. Same images, log and scores from every backend")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dicom", action="store_true", help="also write DICOM files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -248,6 +317,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; known: {sorted(SCHEDULERS)}")
+    if args.backend is not None and args.backend not in backend_names():
+        raise ValueError(f"unknown --backend {args.backend!r}; known: {backend_names()}")
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not model.exists():
         raise FileNotFoundError(f"no model at {model}; pass --model PATH (a checkpoint folder from cxrgen train)")
@@ -255,7 +326,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    from .model.checkpoint import load_pipeline
     from .provenance import Provenance, save_dicom, save_png
 
     from .data.reports import findings_from_text
@@ -272,21 +342,27 @@ def run(args: argparse.Namespace) -> int:
     rows = grid_prompts(args.seed) if args.grid else []
     prompts += [(p, f) for _, p, f in rows]
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    if args.score:  # load the rewards first: a missing one fails before minutes of sampling
-        from .reward.base import generation_scorer
+    exported = is_export_folder(model)
+    if args.score and (not exported or args.reward_dir):  # load the rewards first: a missing one fails
+        from .reward.base import generation_scorer          # before minutes of sampling
 
         scorer = generation_scorer(args.reward_dir, args.device)
-    pipe, manifest = load_pipeline(model, device=args.device)
-    set_scheduler(pipe, args.scheduler)
-    size = args.size or pipe.vae.config.sample_size
+    backend = load_backend(args.backend, model, args.device)
+    if args.score and exported and not args.reward_dir:  # the export's own reward graphs
+        scorer = backend.scorer()
+        if scorer is None:
+            raise ValueError(f"--score: {model} has no reward graphs (exported with --no-rewards); "
+                             f"pass --reward-dir or re-export with rewards")
+    backend.set_scheduler(args.scheduler)
+    size = args.size or backend.native_size
     all_prompts = [p for p, _ in prompts for _ in range(args.n)]
     all_findings = [[f.to_dict() for f in found] for _, found in prompts for _ in range(args.n)]
-    images = generate(pipe, all_prompts, args.seed, args.steps, args.guidance, args.negative_prompt,
-                      args.batch_size, size)
+    images = backend.generate(all_prompts, args.seed, args.steps, args.guidance, args.negative_prompt,
+                              args.batch_size, size)
     scores = scorer(images, all_prompts, all_findings) if args.score else [{} for _ in all_prompts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    version = manifest.version if manifest else model.name
+    version = backend.version
     with open(out / "generation.jsonl", "a") as log:
         for i, (prompt, found, img, score) in enumerate(zip(all_prompts, all_findings, images, scores)):
             prov = Provenance(model_version=version, model_path=str(model), seed=args.seed + i, prompt=prompt,
@@ -299,5 +375,5 @@ def run(args: argparse.Namespace) -> int:
             log.write(json.dumps({"file": path.name, **prov.to_dict()}) + "\n")
     if rows:
         save_grid(images, [label for label, _, _ in rows], args.n, out / "grid.png")
-    print(json.dumps({"out": str(out), "images": len(images), "model": version}))
+    print(json.dumps({"out": str(out), "images": len(images), "model": version, "backend": backend.name}))
     return 0
