@@ -46,8 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no model at {cfg.model}; pass --model PATH")
     cfg.validate()
     print("evaluate config:", json.dumps(dataclasses.asdict(cfg)))
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from .harness import evaluate
 
+    # Not a warning quoting the cut-off words of every long report (hundreds per evaluation).
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
     metrics = evaluate(cfg)
     if args.write_manifest:
         from ..model.checkpoint import Manifest
