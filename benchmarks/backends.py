@@ -9,7 +9,13 @@ Per backend and batch size (1, 4, 16), on the embedded model at its native 128 p
 
 Backends: ``torch`` (eager fp32), ``torch-bf16`` (CPU autocast to bf16: the CPU has AMX / AVX512-BF16),
 ``torch-compile`` (``torch.compile`` of the U-Net, inductor), ``onnxruntime`` (``export/ort.py``: graph
-optimisation level ALL, intra-op threads = cores, fp32). The export is made once into --workdir.
+optimisation level ALL, intra-op threads = cores, fp32), ``triton-http`` and ``triton-grpc`` (``export/
+triton_backend.py``: the repository of ``cxrgen export triton``, python-backend models running onnxruntime,
+served by nvidia-pytriton's bundled tritonserver, which this script starts on loopback ports for those rows
+and stops at the end; the U-Net step is one request to the U-Net model, end to end one request per batch
+to the pipeline model; peak memory adds the server's processes, ``server_peak_rss_mib``). The export (and
+the repository) are made once into --workdir. The summary gives the Triton path's overhead over in-process
+onnxruntime at batch 1 (``triton_overhead_batch1``: seconds per image and ratio, per protocol).
 
 Resumable and cheap: each finished row is written to the results file at once, and a rerun skips the
 rows already there for the same settings (--fresh starts over); --quick runs 5 steps, 1 timed repeat.
@@ -37,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simulate import machine  # noqa: E402  (same machine description as the other benchmarks)
 
-BACKENDS = ("torch", "torch-bf16", "torch-compile", "onnxruntime")
+BACKENDS = ("torch", "torch-bf16", "torch-compile", "onnxruntime", "triton-http", "triton-grpc")
+TRITON = ("triton-http", "triton-grpc")
 PROMPT = "Moderate left pleural effusion."
 
 
@@ -106,9 +113,49 @@ def ort_backend(export_dir: str):
     return gen, unet
 
 
+def triton_backend(repo: str, url: str):
+    from export.triton import to_wire
+    from export.triton_backend import load
+
+    pipe = load(repo, url=url)
+    pipe.set_scheduler("ddim")
+    entry = pipe.export.graph("unet")
+
+    def gen(prompts, seed, steps):
+        return pipe.generate(prompts, seed, steps, 4.0, "", len(prompts), 128)
+
+    def unet(sample, t, ehs):
+        feeds = to_wire({"sample": sample, "timestep": t, "encoder_hidden_states": ehs}, entry)
+        return pipe.client.infer("cxrgen_unet", feeds, ["noise_pred"])
+
+    return gen, unet
+
+
+def server_peak_rss_mib(pid: int) -> float:
+    """Peak RSS (VmHWM) summed over the Triton server's process group: the server and its python stubs."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) != pid:
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     """One (backend, batch) row, printed as JSON on the last line; images saved for the PSNR."""
-    gen, unet = ort_backend(args.export) if args.worker == "onnxruntime" else torch_backend(args.model, args.worker)
+    if args.worker in TRITON:
+        gen, unet = triton_backend(args.repo, args.url)
+    elif args.worker == "onnxruntime":
+        gen, unet = ort_backend(args.export)
+    else:
+        gen, unet = torch_backend(args.model, args.worker)
     b = args.batch
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2 * b, 4, 16, 16)).astype(np.float32)
@@ -122,15 +169,20 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"unet_step_s": step, "s_per_image": e2e / b, "images_per_s": b / e2e, "peak_rss_mib": rss}))
 
 
-def run_row(backend: str, batch: int, args: argparse.Namespace, images: Path) -> dict:
+def run_row(backend: str, batch: int, args: argparse.Namespace, images: Path, server=None) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--batch", str(batch), "--steps", str(args.steps),
            "--repeats", str(args.repeats), "--model", args.model, "--export", str(args.workdir / "onnx"),
            "--images", str(images)]
+    if server is not None:
+        url = server.grpc_url if backend == "triton-grpc" else server.http_url
+        cmd += ["--repo", str(args.workdir / "triton-repo"), "--url", url]
     load_before = os.getloadavg()[0]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{backend} batch {batch} failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
+    if server is not None:  # cumulative over the server's life: the largest batch so far
+        row["server_peak_rss_mib"] = server_peak_rss_mib(server.proc.pid)
     return {"backend": backend, "batch": batch, "steps": args.steps, **row,
             "load_avg_1min_before": round(load_before, 2)}
 
@@ -149,6 +201,15 @@ def ensure_export(model: str, workdir: Path) -> None:
         export_onnx(ExportConfig(checkpoint=model, out=str(workdir / "onnx"), rewards=False), force=True)
 
 
+def start_triton(workdir: Path):
+    """The repository (rewritten from the export every run: it is quick) served by the bundled tritonserver."""
+    from export.triton import write_repository
+    from export.triton_server import start
+
+    repo = write_repository(workdir / "onnx", workdir / "triton-repo", max_batch=16, force=True)
+    return start(repo, workdir / "triton-server.log")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Speed-up of every backend over torch eager, end to end, per batch."""
     eager = {r["batch"]: r["s_per_image"] for r in rows if r["backend"] == "torch"}
@@ -158,14 +219,28 @@ def summarise(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def triton_overhead(rows: list[dict]) -> dict:
+    """Seconds per image that the Triton path adds over in-process onnxruntime at batch 1, and the ratio."""
+    ort = next((r["s_per_image"] for r in rows if r["backend"] == "onnxruntime" and r["batch"] == 1), None)
+    out = {}
+    for r in rows:
+        if r["backend"] in TRITON and r["batch"] == 1 and ort:
+            out[r["backend"].split("-")[1]] = {"s_per_image": round(r["s_per_image"] - ort, 4),
+                                               "ratio": round(r["s_per_image"] / ort, 3)}
+    return out
+
+
 def table(result: dict) -> str:
+    overhead = "; ".join(f"Triton {k} over onnxruntime at batch 1: +{v['s_per_image']:.3f} s / image "
+                         f"({v['ratio']:.2f}x)" for k, v in result.get("triton_overhead_batch1", {}).items())
     lines = [f"{result['device']}, model {result['model']}, {result['steps']} DDIM steps, 128 px, guidance 4, "
-             f"median of {result['repeats']}",
-             "| backend | batch | U-Net step (s) | s / image | images / s | peak RSS (MiB) | x torch | PSNR vs torch |",
+             f"median of {result['repeats']}" + (f". {overhead}" if overhead else ""),
+             "| backend | batch | U-Net step (s) | s / image | images / s | peak RSS (MiB; Triton: + server) | x torch "
+             "| PSNR vs torch |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['backend']} | {r['batch']} | {r['unet_step_s']:.4f} | {r['s_per_image']:.3f} | "
-                     f"{r['images_per_s']:.2f} | {r['peak_rss_mib']:.0f} | {r.get('speedup_vs_torch', float('nan')):.2f} "
+                     f"{r['images_per_s']:.2f} | {r['peak_rss_mib'] + r.get('server_peak_rss_mib', 0):.0f} | {r.get('speedup_vs_torch', float('nan')):.2f} "
                      f"| {'exact' if r.get('psnr_vs_torch', 0) is None else r.get('psnr_vs_torch', '')} |")
     return "\n".join(lines)
 
@@ -187,6 +262,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--export", default="", help=argparse.SUPPRESS)
     ap.add_argument("--images", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--repo", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--url", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -206,21 +283,27 @@ def main() -> None:
                 "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else model.name}
     old = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
     rows = [r for r in old.get("rows", []) if old.get("settings") == settings]
-    for backend in ["torch", *[b for b in backends if b != "torch"]]:  # eager first: the PSNR reference
-        for batch in [int(b) for b in args.batches.split(",")]:
-            if any(r["backend"] == backend and r["batch"] == batch for r in rows):
-                continue  # resumable: this row is done
-            row = run_row(backend, batch, args, args.workdir / f"{backend}-{batch}.npy")
+    batches = [int(b) for b in args.batches.split(",")]
+    todo = [(b, n) for b in ["torch", *[b for b in backends if b != "torch"]]  # eager first: the PSNR reference
+            for n in batches if not any(r["backend"] == b and r["batch"] == n for r in rows)]  # resumable
+    server = start_triton(args.workdir) if any(b in TRITON for b, _ in todo) else None
+    try:
+        for backend, batch in todo:
+            row = run_row(backend, batch, args, args.workdir / f"{backend}-{batch}.npy",
+                          server if backend in TRITON else None)
             ref = args.workdir / f"torch-{batch}.npy"
             if ref.is_file():
                 row["psnr_vs_torch"] = psnr(np.load(args.workdir / f"{backend}-{batch}.npy"), np.load(ref))
             rows.append(row)
             result = {"benchmark": "backends", "device": machine(), **settings,
                       "settings": settings, "torch_threads": torch.get_num_threads(), "note": args.note,
-                      "rows": summarise(rows)}
+                      "rows": summarise(rows), "triton_overhead_batch1": triton_overhead(rows)}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(f"{backend} batch {batch}: {row['s_per_image']:.3f} s/image", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.stop()
     print(table(json.loads(out.read_text())))
 
 

@@ -1,4 +1,4 @@
-"""Export and acceleration (issue 10): ONNX graphs, onnxruntime and TensorRT backends.
+"""Export and acceleration (issue 10): ONNX graphs, onnxruntime, TensorRT and Triton backends.
 
 Dependencies point one way (DESIGN.md): ``service -> export -> training``; nothing in
 ``training`` imports this package. It plugs into the CLI and into ``cxrgen generate``

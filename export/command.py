@@ -1,4 +1,4 @@
-"""``cxrgen export onnx|tensorrt``: registered through the ``cxrgen.commands`` entry point."""
+"""``cxrgen export onnx|tensorrt|triton|triton-serve``: registered through the ``cxrgen.commands`` entry point."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs / TensorRT engines",
-                       description="Export a checkpoint for the onnxruntime and TensorRT backends "
-                                   "(`cxrgen generate --backend onnxruntime|tensorrt --model EXPORT_DIR`).")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX graphs / TensorRT engines / a Triton repository",
+                       description="Export a checkpoint for the onnxruntime, TensorRT and Triton backends "
+                                   "(`cxrgen generate --backend onnxruntime|tensorrt --model EXPORT_DIR`, "
+                                   "`--backend triton --model REPO`).")
     verbs = p.add_subparsers(dest="export_command", metavar="WHAT", required=True)
 
     o = verbs.add_parser(
@@ -44,6 +45,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--rebuild", action="store_true", help="rebuild engines that exist (also mismatched ones)")
     t.set_defaults(func=run_tensorrt)
 
+    r = verbs.add_parser(
+        "triton", help="a Triton model repository from an export folder",
+        description="Writes REPO/cxrgen_text_encoder, cxrgen_unet, cxrgen_vae_decoder and cxrgen_reward_<name> (one "
+                    "model per graph: config.pbtxt with dynamic batching, batch 1..--max-batch, the U-Net twice "
+                    "that; 1/model.onnx, and for --platform python 1/model.py running onnxruntime), "
+                    "REPO/cxrgen_pipeline (python backend: the sampling loop calling those models through BLS; "
+                    "1/export/ holds the manifest, tokenizer and scheduler) and REPO/cxrgen_triton.json. Serve it "
+                    "with `cxrgen export triton-serve REPO` or any Triton server whose python environment has "
+                    "cxrgen installed; query it with `cxrgen generate --backend triton --model REPO`.")
+    r.add_argument("export_dir", help="folder written by `cxrgen export onnx`")
+    r.add_argument("repo", help="model repository folder to write")
+    r.add_argument("--platform", default="python", choices=["python", "onnxruntime", "tensorrt"],
+                   help="python: python-backend models running onnxruntime (the bundled server has only this "
+                        "backend); onnxruntime: platform onnxruntime_onnx; tensorrt: platform tensorrt_plan from "
+                        "`cxrgen export tensorrt`'s engines")
+    r.add_argument("--max-batch", type=int, default=16, help="largest image batch per request (U-Net: twice)")
+    r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"], help="instance kind of the graph models")
+    r.add_argument("--instances", type=int, default=1, help="instances of every model")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="text encoder and U-Net graphs (fp16 needs `export onnx --fp16`; the VAE decoder stays fp32)")
+    r.add_argument("--force", action="store_true", help="overwrite a non-empty REPO")
+    r.set_defaults(func=run_triton)
+
+    s = verbs.add_parser(
+        "triton-serve", help="serve a repository with the tritonserver bundled in nvidia-pytriton",
+        description="Runs the Triton server that the nvidia-pytriton wheel ships (python backend only) on REPO in "
+                    "the foreground, with this interpreter's libpython and packages (see export/triton_server.py). "
+                    "Binds --host (default 127.0.0.1). Ctrl-C stops it.")
+    s.add_argument("repo", help="folder written by `cxrgen export triton` (--platform python)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics; 0 turns them off")
+    s.set_defaults(func=run_triton_serve)
+
 
 def run_onnx(args: argparse.Namespace) -> int:
     from .folder import ExportConfig
@@ -66,3 +102,19 @@ def run_tensorrt(args: argparse.Namespace) -> int:
                           rebuild=args.rebuild)
     print(json.dumps({"export_dir": args.export_dir, "engines": built}))
     return 0
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    from .triton import write_repository
+
+    out = write_repository(args.export_dir, args.repo, platform=args.platform, max_batch=args.max_batch,
+                           kind=args.kind, instances=args.instances, precision=args.precision, force=args.force)
+    doc = json.loads((out / "cxrgen_triton.json").read_text())
+    print(json.dumps({"repo": str(out), "platform": doc["platform"], "models": sorted(doc["models"].values())}))
+    return 0
+
+
+def run_triton_serve(args: argparse.Namespace) -> int:
+    from .triton_server import serve
+
+    return serve(args.repo, args.http_port, args.grpc_port, args.metrics_port or None, args.host)

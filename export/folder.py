@@ -90,8 +90,10 @@ class ExportFolder:
         return self.manifest.get("rewards", {})
 
 
-def read_export(folder: str | Path) -> ExportFolder:
-    """Read and validate an export folder; an ExportError names what is wrong."""
+def read_export(folder: str | Path, graph_files: bool = True) -> ExportFolder:
+    """Read and validate an export folder; an ExportError names what is wrong. ``graph_files=False`` accepts a
+    folder without the graph files (the copy inside a Triton repository's pipeline model: its graphs are the
+    repository's other models)."""
     root = Path(folder)
     if not root.is_dir():
         raise ExportError(f"no export folder at {root}")
@@ -113,7 +115,8 @@ def read_export(folder: str | Path) -> ExportFolder:
     problems = [f"graph {g!r} is not listed" for g in PIPELINE_GRAPHS if g not in graphs]
     entries = [*graphs.values(), *manifest.get("fp16_graphs", {}).values(),
                *(r for r in manifest.get("rewards", {}).values())]
-    problems += [f"{e['file']} is missing" for e in entries if not (root / e["file"]).is_file()]
+    if graph_files:
+        problems += [f"{e['file']} is missing" for e in entries if not (root / e["file"]).is_file()]
     for sub, what in (("tokenizer", "tokenizer_config.json"), ("scheduler", "scheduler_config.json")):
         if not (root / sub / what).is_file():
             problems.append(f"{sub}/{what} is missing")

@@ -8,7 +8,9 @@ same image as ``training.generation.generate`` on the torch pipeline:
 * initial latents come from ``diffusers.utils.torch_utils.randn_tensor`` with one CPU generator per
   image (seed + i), times ``init_noise_sigma``; the generators also go to ``scheduler.step`` for the
   stochastic samplers, in the same order of draws as the torch pipeline;
-* only the three networks run in the backend: ``runner.run(name, feeds) -> {output: array}``.
+* only the three networks run in the backend: ``runner.run(name, feeds) -> {output: array}``. Runners:
+  onnxruntime sessions (``ort.OrtRunner``), TensorRT engines (``tensorrt``), and inside Triton's pipeline
+  model, BLS requests to the component models (``triton_models/pipeline.py``): one loop for all.
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ class GraphPipeline:
     """``generate`` / ``scorer`` over an export folder's graphs; ``backend`` names the runner."""
 
     def __init__(self, export: ExportFolder, runner: Runner, backend: str) -> None:
-        from transformers import CLIPTokenizer
-
         self.export, self.runner, self.name = export, runner, backend
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(export.root / "tokenizer"))
         self.facts = export.model
         self.scheduler = self._scheduler(export.root / "scheduler", self.facts.get("scheduler"))
+        self.schedulers: dict = {}  # by SCHEDULERS name, for run_batch
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The export's CLIP tokenizer, loaded on first use (a Triton client never tokenizes)."""
+        if self._tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            self._tokenizer = CLIPTokenizer.from_pretrained(str(self.export.root / "tokenizer"))
+        return self._tokenizer
 
     @staticmethod
     def _scheduler(folder: Path, class_name: str | None):
@@ -92,8 +102,10 @@ class GraphPipeline:
         return {**({"eta": 0.0} if "eta" in params else {}), **({"generator": generators} if "generator" in params
                                                               else {})}
 
-    def sample(self, prompts: Sequence[str], negative: str, generators, steps: int, guidance: float,
+    def sample(self, prompts: Sequence[str], negative: str | Sequence[str], generators, steps: int, guidance: float,
                size: int) -> np.ndarray:
+        """Images for one batch; ``negative`` is one text for all or one per prompt (the service batches
+        requests with different negative prompts)."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -101,7 +113,8 @@ class GraphPipeline:
         cfg = guidance > 1.0
         embeds = self.encode(prompts, conditional=True)
         if cfg:
-            embeds = np.concatenate([self.encode([negative or ""] * len(prompts), conditional=False), embeds])
+            negatives = [negative or ""] * len(prompts) if isinstance(negative, str) else [n or "" for n in negative]
+            embeds = np.concatenate([self.encode(negatives, conditional=False), embeds])
         # 2. timesteps and initial latents (torch generators: the same draws as the torch pipeline)
         self.scheduler.set_timesteps(steps, device="cpu")
         f = int(self.facts["vae_scale_factor"])
@@ -136,6 +149,29 @@ class GraphPipeline:
             gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
             out.append(self.sample(chunk, negative, gens, steps, guidance, size))
         return np.concatenate(out)
+
+    def run_batch(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int], steps: int,
+                  guidance: float, scheduler: str, size: int) -> np.ndarray:
+        """One denoising batch with explicit per-image seeds and negative prompts (the service's batches, the
+        Triton pipeline model's requests): image i from a CPU generator seeded ``seeds[i]``."""
+        import diffusers
+        import torch
+
+        from training.generation import SCHEDULERS
+
+        f = int(self.facts["vae_scale_factor"])
+        if size % f:
+            raise ExportError(f"size must be a multiple of {f}, got {size}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
+        if scheduler not in self.schedulers:  # one instance per sampler, all from the checkpoint's config
+            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.scheduler.config)
+        current, self.scheduler = self.scheduler, self.schedulers[scheduler]
+        try:
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            return self.sample(list(prompts), list(negatives), gens, steps, guidance, size)
+        finally:
+            self.scheduler = current
 
     # ------------------------------------------------------------------ rewards
 

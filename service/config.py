@@ -18,7 +18,11 @@ def _env(name: str, default: str | None = None) -> str | None:
 class ServeConfig:
     """Every setting, with the environment variable that sets it."""
 
-    model: str | None = None  # CXRGEN_MODEL: a checkpoint folder, or "bento:<tag>" (BentoML model store)
+    model: str | None = None  # CXRGEN_MODEL: a checkpoint folder, "bento:<tag>" (BentoML model store), an export
+    # folder (`cxrgen export onnx`) or a Triton repository (`cxrgen export triton`)
+    backend: str | None = None  # CXRGEN_BACKEND: torch | onnxruntime | tensorrt | triton; unset: torch for a
+    # checkpoint, onnxruntime for an export folder, triton for a Triton repository (training.generation)
+    triton_url: str | None = None  # CXRGEN_TRITON_URL: the Triton server (http://HOST:8000 or grpc://HOST:8001)
     reward_dir: str | None = None  # CXRGEN_REWARD_DIR: folder of reward folders (default models/rewards)
     store: str | None = None  # CXRGEN_STORE: feedback store URL (default sqlite under data_dir)
     data_dir: str = "var"  # CXRGEN_DATA: store (by default), image blobs, augmentation jobs
@@ -38,6 +42,8 @@ class ServeConfig:
     def from_env(cls) -> "ServeConfig":
         c = cls()
         c.model = _env("CXRGEN_MODEL")
+        c.backend = _env("CXRGEN_BACKEND")
+        c.triton_url = _env("CXRGEN_TRITON_URL")
         c.reward_dir = _env("CXRGEN_REWARD_DIR")
         c.data_dir = _env("CXRGEN_DATA", c.data_dir)
         c.store = _env("CXRGEN_STORE") or f"sqlite:///{Path(c.data_dir) / 'feedback' / 'store.db'}"
@@ -52,6 +58,11 @@ class ServeConfig:
         c.keys_file = _env("CXRGEN_API_KEYS_FILE")
         if c.max_batch < 1:
             raise ValueError(f"CXRGEN_MAX_BATCH must be >= 1, got {c.max_batch}")
+        if c.backend is not None:
+            from training.generation import backend_names
+
+            if c.backend not in backend_names():
+                raise ValueError(f"CXRGEN_BACKEND={c.backend!r} is not a backend; known: {backend_names()}")
         return c
 
     @property

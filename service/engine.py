@@ -43,7 +43,7 @@ class ModelLoadError(ValueError):
 
 @dataclasses.dataclass
 class Model:
-    pipe: object
+    runner: object  # the backend (training.generation.load_backend): torch, onnxruntime, tensorrt or triton
     version: str
     source: str  # what was asked for (path or bento:tag)
     path: str  # the folder loaded
@@ -51,15 +51,21 @@ class Model:
     device: str
     native_size: int
     loaded_at: float
-    schedulers: dict = dataclasses.field(default_factory=dict)
 
     @property
     def backend(self) -> str:
-        return "torch-cuda-fp16" if self.device.startswith("cuda") else "torch-cpu"
+        """The backend's name: /models reports it and the metrics carry it as their ``backend`` label."""
+        return self.runner.name
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline (torch backend only)."""
+        return self.runner.pipe
 
     def info(self) -> dict:
+        extra = {"backend_url": self.runner.url} if getattr(self.runner, "url", None) else {}
         return {"version": self.version, "source": self.source, "path": self.path, "device": self.device,
-                "backend": self.backend, "native_size": self.native_size,
+                "backend": self.backend, **extra, "native_size": self.native_size,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
                 "stage": self.manifest.get("stage"), "parent": self.manifest.get("parent_version"),
                 "created": self.manifest.get("created"), "metrics": self.manifest.get("metrics", {})}
@@ -96,11 +102,11 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
     return "default", DEFAULT_MODEL
 
 
-def load_model(source: str | None, device: str) -> Model:
-    """Load a generator; fp16 U-Net and text encoder on CUDA, the VAE always fp32 (fp16 decoding clips)."""
-    import torch
-
-    from training.model.checkpoint import CheckpointError, load_pipeline
+def load_model(source: str | None, device: str, backend: str | None = None, triton_url: str | None = None) -> Model:
+    """Load a generator through ``training.generation.load_backend``: ``backend`` None picks torch for a
+    checkpoint, onnxruntime for an export folder, triton for a Triton repository. torch on CUDA runs an fp16
+    U-Net and text encoder with an fp32 VAE (fp16 decoding clips)."""
+    from training.generation import default_backend, load_backend
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -117,42 +123,37 @@ def load_model(source: str | None, device: str) -> Model:
         raise ModelLoadError(f"{source[:200]}: cannot read {str(folder)[:200]}: {e.strerror}") from e
     if not is_dir:
         raise ModelLoadError(f"{source[:200]}: no checkpoint folder at {str(folder)[:200]}")
-    cuda = device.startswith("cuda")
+    name = backend or default_backend(folder)
+    options = {"half": device.startswith("cuda")} if name == "torch" else {}
+    if name == "triton" and triton_url:
+        options["url"] = triton_url
     try:
-        pipe, manifest = load_pipeline(folder, device=device, dtype=torch.float16 if cuda else None)
-    except (CheckpointError, OSError) as e:
+        runner = load_backend(name, folder, device, **options)
+    except (ValueError, OSError) as e:  # CheckpointError / ExportError are ValueErrors; the message says what
         raise ModelLoadError(str(e)) from e
-    if cuda:
-        pipe.vae.to(torch.float32)
-    meta = dataclasses.asdict(manifest) if manifest is not None else {}
-    version = manifest.version if manifest is not None else folder.name
-    return Model(pipe=pipe, version=version, source=source, path=str(folder), manifest=meta, device=device,
-                 native_size=int(pipe.vae.config.sample_size), loaded_at=time.time())
+    return Model(runner=runner, version=runner.version, source=source, path=str(folder), manifest=_manifest(runner),
+                 device=device, native_size=int(runner.native_size), loaded_at=time.time())
+
+
+def _manifest(runner) -> dict:
+    """The checkpoint manifest as a dict: torch's from the checkpoint, an export's from its copy."""
+    if getattr(runner, "manifest", None) is not None:
+        return dataclasses.asdict(runner.manifest)
+    export = getattr(runner, "export", None)
+    path = export.root / "cxrgen_manifest.json" if export is not None else None
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("unreadable checkpoint manifest %s", path)
+    return {}
 
 
 def run_batch(model: Model, settings: tuple, prompts: list[str], negatives: list[str], seeds: list[int]) -> np.ndarray:
-    """One denoising run: images (N, H, W) in [0, 1], image i from a CPU generator seeded ``seeds[i]``
-    (as ``training.generation.generate`` does, so the same seed gives the same image)."""
-    import diffusers
-    import torch
-
-    from training.generation import SCHEDULERS
-    from training.model.components import to_grey
-
+    """One denoising run on the model's backend: images (N, H, W) in [0, 1], image i from a CPU generator seeded
+    ``seeds[i]`` (as ``training.generation.generate`` does, so the same seed gives the same image)."""
     steps, guidance, scheduler, size = settings
-    pipe = model.pipe
-    if scheduler not in model.schedulers:
-        model.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe.scheduler = model.schedulers[scheduler]
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    with torch.inference_mode():
-        latents = pipe(prompts, negative_prompt=negatives if any(negatives) else None, num_inference_steps=steps,
-                       guidance_scale=guidance, height=size, width=size, generator=gens,
-                       output_type="latent").images
-        vae = pipe.vae
-        x = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor).sample
-        x = (x / 2 + 0.5).clamp(0, 1)
-    return to_grey(x)[:, 0].clamp(0, 1).float().cpu().numpy()
+    return model.runner.run_batch(prompts, negatives, seeds, steps, guidance, scheduler, size)
 
 
 @dataclasses.dataclass
@@ -190,7 +191,7 @@ class Engine:
     def start(self) -> None:
         """Load the generator and rewards, start the batch worker, run the warm-up generation."""
         source = self._active_choice() or self.cfg.model
-        self.model = load_model(source, self.device)
+        self.model = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url)
         self._load_rewards()
         if self.metrics:
             self.metrics.model_loaded(self.model.version, None)
@@ -205,7 +206,8 @@ class Engine:
         self._watcher.start()
         self.ready = True
         self.ready_event.set()
-        log.info("cxrgen engine ready: model %s (%s) on %s", self.model.version, self.model.source, self.device)
+        log.info("cxrgen engine ready: model %s (%s), backend %s on %s", self.model.version, self.model.source,
+                 self.model.backend, self.device)
 
     def _load_rewards(self) -> None:
         from training.reward.base import available, cached_reward, generation_scorer
@@ -337,7 +339,7 @@ class Engine:
         """Load ``source`` beside the serving model, then switch; on failure the old one keeps serving."""
         with self._reload_lock:
             previous = self.model
-            new = load_model(source, self.device)  # ModelLoadError: nothing changed
+            new = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url)  # failure: nothing changed
             self.model = new
             self._write_active(source)
         if self.metrics:

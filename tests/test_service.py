@@ -281,6 +281,44 @@ def test_models_and_reload(service_app, tmp_path):
     assert back.status_code == 200
 
 
+def test_backend_choice_same_images_and_scores_on_onnxruntime(service_app, tmp_path):
+    """Issue 10, section 6: the service on an export folder runs onnxruntime (CXRGEN_BACKEND unset: the folder
+    picks it; the same goes for CXRGEN_MODEL at start-up) and answers what torch answers for the same seed."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from export.folder import ExportConfig
+    from export.onnx_export import export_onnx
+    from micro_model import micro_checkpoint
+    from training.generation import DEFAULT_MODEL
+
+    ckpt = micro_checkpoint(tmp_path / "ckpt", "micro-serve", reports=200)
+    export = export_onnx(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "onnx"), rewards=False))
+    body = {"prompt": "Moderate left pleural effusion.", "n": 2, "seed": 21, "steps": 3, "negative_prompt": "edema"}
+    served = {}
+    try:
+        for backend, source in (("torch", ckpt), ("onnxruntime", export)):
+            r = service_app.post("/models/reload", json={"source": str(source)}, headers=auth("admin"))
+            assert r.status_code == 200, r.text
+            m = service_app.get("/models", headers=auth("client")).json()["serving"]
+            assert (m["backend"], m["version"], m["path"]) == (backend, "micro-serve", str(source))
+            r = gen(service_app, **body)
+            assert r.status_code == 200, r.text
+            served[backend] = r.json()
+    finally:
+        assert service_app.post("/models/reload", json={"source": str(DEFAULT_MODEL)},
+                                headers=auth("admin")).status_code == 200
+    a, b = served["torch"]["images"], served["onnxruntime"]["images"]
+    assert [i["seed"] for i in a] == [i["seed"] for i in b] == [21, 22]
+    pa, pb = (np.stack([png_pixels(i["image"]) for i in x]).astype(int) for x in (a, b))
+    assert pa.shape == (2, 32, 32) and pa.std() > 0
+    assert np.abs(pa - pb).max() <= 1 and (pa == pb).mean() > 0.99  # 8-bit rounding of images ~1e-6 apart
+    assert set(a[0]["scores"]) == set(b[0]["scores"]) and "plausibility" in a[0]["scores"]
+    assert max(abs(x["scores"][k] - y["scores"][k]) for x, y in zip(a, b) for k in x["scores"]) <= 1e-3
+    assert [x["finding_agreement"].keys() for x in a] == [y["finding_agreement"].keys() for y in b]
+    text = generate_latest(REGISTRY).decode()
+    assert 'backend="onnxruntime"' in text and 'backend="torch"' in text  # the metrics' label is the real backend
+
+
 def test_augment_task_gives_a_loadable_mimic_archive(service_app, tmp_path):
     import time
 
@@ -436,7 +474,7 @@ def test_cuda_engine_runs_fp16_with_an_fp32_vae():
     eng.start()
     try:
         m = eng.model
-        assert m.device == "cuda" and m.backend == "torch-cuda-fp16"
+        assert m.device == "cuda" and m.backend == "torch"
         assert m.pipe.unet.dtype == torch.float16 and m.pipe.vae.dtype == torch.float32
         images, _, scored = eng.generate_sync(["Cardiomegaly."] * 2, ["", ""], [0, 1], eng.settings(10, 4.0, "ddim", None),
                                               [[{"kind": "cardiomegaly"}]] * 2)
@@ -444,3 +482,15 @@ def test_cuda_engine_runs_fp16_with_an_fp32_vae():
         assert all(0 <= s["plausibility"] <= 1 for s, _ in scored)
     finally:
         eng.stop()
+
+
+def test_backend_setting_is_checked(monkeypatch):
+    from service.config import ServeConfig
+
+    monkeypatch.setenv("CXRGEN_BACKEND", "tvm")
+    with pytest.raises(ValueError, match="CXRGEN_BACKEND='tvm' is not a backend; known: .*onnxruntime.*triton"):
+        ServeConfig.from_env()
+    monkeypatch.setenv("CXRGEN_BACKEND", "triton")
+    monkeypatch.setenv("CXRGEN_TRITON_URL", "grpc://127.0.0.1:8001")
+    cfg = ServeConfig.from_env()
+    assert (cfg.backend, cfg.triton_url) == ("triton", "grpc://127.0.0.1:8001")

@@ -6,9 +6,10 @@ the same image. Each file carries its provenance (PNG text chunks / DICOM attrib
 ``training.provenance``); ``OUT/generation.jsonl`` lists them all.
 
 Backends (issue 10): ``torch`` runs the checkpoint's diffusers pipeline here; the others
-(``onnxruntime``, ``tensorrt``) run an export folder (``cxrgen export onnx``) and are looked up
-by name in the ``cxrgen.backends`` entry-point group, so this module never imports ``export``.
-Every backend writes the same files, log and scores.
+(``onnxruntime``, ``tensorrt``) run an export folder (``cxrgen export onnx``), ``triton`` a Triton
+server serving a repository (``cxrgen export triton``); they are looked up by name in the
+``cxrgen.backends`` entry-point group, so this module never imports ``export``. Every backend
+writes the same files, log and scores.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 BACKENDS_GROUP = "cxrgen.backends"  # entry points: name -> load(model_folder, device=...) -> backend
 EXPORT_MANIFEST = "export.json"  # marks an export folder (written by `cxrgen export onnx`)
+TRITON_MANIFEST = "cxrgen_triton.json"  # marks a Triton model repository (written by `cxrgen export triton`)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -87,23 +89,55 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, n
 
 
 class TorchBackend:
-    """The checkpoint's diffusers pipeline behind the interface every backend offers ``run``:
-    ``version``, ``native_size``, ``set_scheduler(name)``, ``generate(...)``, ``scorer()``."""
+    """The checkpoint's diffusers pipeline behind the interface every backend offers ``run`` and the service:
+    ``version``, ``native_size``, ``manifest``, ``set_scheduler(name)``, ``generate(...)`` (image i from
+    seed + i), ``run_batch(...)`` (explicit per-image seeds and negative prompts), ``scorer()``."""
 
     name = "torch"
 
-    def __init__(self, model: Path, device: str) -> None:
+    def __init__(self, model: Path, device: str, half: bool = False) -> None:
+        """``half``: fp16 U-Net and text encoder (CUDA), the VAE kept fp32 (fp16 decoding overflows)."""
+        import torch
+
         from .model.checkpoint import load_pipeline
 
-        self.pipe, manifest = load_pipeline(model, device=device)
+        self.pipe, manifest = load_pipeline(model, device=device, dtype=torch.float16 if half else None)
+        if half:
+            self.pipe.vae.to(torch.float32)
+        self.manifest = manifest
         self.version = manifest.version if manifest else model.name
         self.native_size = int(self.pipe.vae.config.sample_size)
+        self.schedulers: dict = {}
 
     def set_scheduler(self, name: str) -> None:
         set_scheduler(self.pipe, name)
 
     def generate(self, prompts, seed, steps, guidance, negative, batch_size, size):
         return generate(self.pipe, prompts, seed, steps, guidance, negative, batch_size, size)
+
+    def run_batch(self, prompts, negatives, seeds, steps, guidance, scheduler, size):
+        """One denoising run: images (N, H, W) in [0, 1], image i from a CPU generator seeded ``seeds[i]`` (the
+        same image as ``generate`` for that seed); latents decoded in the VAE's own dtype (fp32)."""
+        import diffusers
+        import torch
+
+        from .model.components import to_grey
+
+        pipe = self.pipe
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
+        if scheduler not in self.schedulers:
+            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = self.schedulers[scheduler]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            latents = pipe(list(prompts), negative_prompt=list(negatives) if any(negatives) else None,
+                           num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                           generator=gens, output_type="latent").images
+            vae = pipe.vae
+            x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            x = (x / 2 + 0.5).clamp(0, 1)
+        return to_grey(x)[:, 0].clamp(0, 1).float().cpu().numpy()
 
     def scorer(self):
         return None  # the torch path scores with the reward folders (generation_scorer)
@@ -119,20 +153,33 @@ def is_export_folder(model: Path) -> bool:
     return (model / EXPORT_MANIFEST).is_file() and not (model / "model_index.json").is_file()
 
 
-def load_backend(name: str | None, model: Path, device: str):
+def is_triton_repository(model: Path) -> bool:
+    return (model / TRITON_MANIFEST).is_file()
+
+
+def default_backend(model: Path) -> str:
+    """torch for a checkpoint, onnxruntime for an export folder, triton for a Triton repository."""
+    return "triton" if is_triton_repository(model) else "onnxruntime" if is_export_folder(model) else "torch"
+
+
+def load_backend(name: str | None, model: Path, device: str, **options):
     """``--backend`` on ``--model``: torch on a checkpoint (or on the checkpoint an export folder names),
-    a registered backend on an export folder; None picks torch for checkpoints, onnxruntime for exports."""
+    a registered backend on an export folder (triton: on a Triton repository too); None picks
+    ``default_backend``. ``options`` go to the backend's loader (torch: ``half``; triton: ``url``)."""
     from importlib.metadata import entry_points
 
-    name = name or ("onnxruntime" if is_export_folder(model) else "torch")
+    model = Path(model)
+    name = name or default_backend(model)
     if name == "torch":
+        if is_triton_repository(model):  # the repository names the export it was written from
+            model = Path(json.loads((model / TRITON_MANIFEST).read_text())["export"])
         if is_export_folder(model):  # the export names its source checkpoint (export/folder.py)
             source = Path(json.loads((model / EXPORT_MANIFEST).read_text())["source"]["checkpoint"])
             if not source.is_dir():
                 raise FileNotFoundError(f"--backend torch: {model} was exported from {source}, which is not here; "
                                         f"pass the checkpoint folder as --model or choose another --backend")
             model = source
-        return TorchBackend(model, device)
+        return TorchBackend(model, device, **options)
     found = {ep.name: ep for ep in entry_points(group=BACKENDS_GROUP)}
     if name not in found:
         raise ValueError(f"unknown --backend {name!r}; known: {backend_names()}")
@@ -141,7 +188,7 @@ def load_backend(name: str | None, model: Path, device: str):
     except ImportError as e:
         raise ValueError(f"--backend {name} is not installed ({e}); pip install -e . (or '.[gpu]' for GPU "
                          f"backends)") from None
-    return loader(model, device=device)
+    return loader(model, device=device, **options)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -177,10 +224,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--model", default=None,
-                   help="checkpoint folder, or an export folder from `cxrgen export onnx` (default: models/default)")
+                   help="checkpoint folder, an export folder from `cxrgen export onnx`, or a Triton repository from "
+                        "`cxrgen export triton` (default: models/default)")
     p.add_argument("--backend", default=None,
-                   help="torch | onnxruntime | tensorrt (registered backends); default: torch for a checkpoint, "
-                        "onnxruntime for an export folder. Same images, log and scores from every backend")
+                   help="torch | onnxruntime | tensorrt | triton (registered backends); default: torch for a "
+                        "checkpoint, onnxruntime for an export folder, triton for a Triton repository (server at "
+                        "$CXRGEN_TRITON_URL, default http://127.0.0.1:8000; grpc://HOST:PORT for gRPC). Same "
+                        "images, log and scores from every backend")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dicom", action="store_true", help="also write DICOM files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -342,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     rows = grid_prompts(args.seed) if args.grid else []
     prompts += [(p, f) for _, p, f in rows]
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    exported = is_export_folder(model)
+    exported = is_export_folder(model) or is_triton_repository(model)
     if args.score and (not exported or args.reward_dir):  # load the rewards first: a missing one fails
         from .reward.base import generation_scorer          # before minutes of sampling
 
