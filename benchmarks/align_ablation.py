@@ -70,10 +70,32 @@ def align(name: str, a) -> Path:
     return ckpt
 
 
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+           "vae/diffusion_pytorch_model.safetensors", "ace.safetensors")
+
+
+def weights_fingerprint(model: Path) -> str:
+    """sha256 over the generator's weight files (and ACE tokens, if any): equal means the same images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in WEIGHTS:
+        f = model / rel
+        h.update(rel.encode() + (f.read_bytes() if f.is_file() else b"absent"))
+    return h.hexdigest()
+
+
 def evaluate(name: str, model: Path, a) -> dict:
     out = REPO / a.runs / f"eval-{name}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
+    if name != "baseline" and weights_fingerprint(model) == weights_fingerprint(REPO / a.baseline):
+        # Early stopping kept round 0: the checkpoint holds the baseline's weights, file for file, so its
+        # evaluation (same prompts, same seeds) is the baseline's. Reused, and marked as such.
+        m = dict(evaluate("baseline", REPO / a.baseline, a), identical_to_baseline=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
+        return m
     run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(out.relative_to(REPO)), "--model", str(model),
          "--data", a.eval_data, "--judge", a.judge, "--n-prompts", str(a.n_prompts), "--prompts-file", HELDOUT,
          "--augment-real", "0", "--seed", "0"], REPO / a.runs / f"eval-{name}.log")
@@ -129,7 +151,8 @@ def row(name: str, m: dict, a) -> dict:
             "align_seconds": manifest.get("seconds", 0.0), "images_sampled": manifest.get("images_sampled", 0),
             "rounds": manifest.get("rounds", 0), "selected_round": (manifest.get("heldout") or {}).get("selected_round"),
             "early_stop": (manifest.get("heldout") or {}).get("early_stop"),
-            "heldout_probes": [r["heldout"] for r in rows if "heldout" in r]}
+            "heldout_probes": [r["heldout"] for r in rows if "heldout" in r],
+            "identical_to_baseline": bool(m.get("identical_to_baseline"))}
 
 
 def fmt(v, d=3):
@@ -142,7 +165,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         luc = (r.get("pneumothorax_lucency") or {}).get("generated", {})
-        lines.append(f"| {r['method']} | {fmt(r['panel_plausible_rate'])} | {fmt(r['conditioning_auroc_mean'])} | "
+        same = " (= baseline: round 0 kept)" if r.get("identical_to_baseline") else ""
+        lines.append(f"| {r['method']}{same} | {fmt(r['panel_plausible_rate'])} | {fmt(r['conditioning_auroc_mean'])} | "
                      f"{fmt(r['auroc_ratio_mean'])} / {fmt(r['auroc_ratio_min'])} | {fmt(r['effusion_detection_rate'])} | "
                      f"{fmt(r['fid'], 1)} / {fmt(r['fid_floor'], 1)} | {fmt(r['ms_ssim_generated'])} | "
                      f"{fmt(r['posture_error_deg'], 2)} | {fmt(luc.get('delta_intensity'))} | "
@@ -275,8 +299,10 @@ def main() -> int:
         return 0
     if a.panel_only:
         return panel_table(names, ckpts, a)
-    rows = [row("baseline", evaluate("baseline", REPO / a.baseline, a), a)]
-    rows += [row(n, evaluate(n, ckpts[n], a), a) for n in names]
+    metrics = {"baseline": evaluate("baseline", REPO / a.baseline, a)}
+    metrics.update({n: evaluate(n, ckpts[n], a) for n in names})  # in the order given (--only)
+    rows = [row("baseline", metrics["baseline"], a)]
+    rows += [row(n, metrics[n], a) for n in sorted(names, key=list(METHODS).index)]  # the table in METHODS order
     base = rows[0]
     best = max(rows[1:], key=lambda r: r["panel_plausible_rate"] or -1)
     result = {"benchmark": "align-ablation", "device": machine(), "baseline": a.baseline, "eval_data": a.eval_data,
