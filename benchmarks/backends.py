@@ -189,8 +189,10 @@ def run_row(backend: str, batch: int, args: argparse.Namespace, images: Path, se
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     """PSNR in dB of images in [0, 1]; None for identical images (infinite, and not valid JSON)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return None if mse == 0 else round(10 * np.log10(1 / mse), 1)
+    from export.testing import psnr as measure
+
+    db = measure(a, b)
+    return None if db == float("inf") else round(db, 1)
 
 
 def ensure_export(model: str, workdir: Path) -> None:

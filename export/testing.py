@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images in [0, 1] (inf for identical images): the parity measure of every backend."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def micro_rewards(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:

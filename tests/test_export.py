@@ -15,17 +15,13 @@ import onnx
 import pytest
 import torch
 
+from export.testing import psnr
 from micro_model import MICRO, micro_checkpoint
 from training.cli import main as cli
 from training.generation import DEFAULT_MODEL, generate, set_scheduler
 from training.model.checkpoint import load_pipeline
 
 PROMPTS = ["left pleural effusion", "no acute cardiopulmonary process", "cardiomegaly"]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")

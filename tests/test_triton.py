@@ -15,16 +15,12 @@ import threading
 import numpy as np
 import pytest
 
+from export.testing import psnr
 from micro_model import micro_checkpoint
 from training.cli import main as cli
 
 PROMPTS = ["left pleural effusion", "no acute cardiopulmonary process", "cardiomegaly"]
 FINDINGS = [[{"kind": "pleural_effusion", "side": "left", "severity": "moderate"}], [], [{"kind": "cardiomegaly"}]]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -69,22 +69,35 @@ def findings_prompt(findings, seed: int) -> str:
     return " ".join((impression + " " + findings_text).split())
 
 
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, negative: str,
-             batch_size: int, size: int):
-    """Images (N, H, W) in [0, 1] as numpy, one per prompt, image i from seed + i."""
-    import numpy as np
+def denoise(pipe, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, guidance: float,
+            size: int):
+    """One denoising run: images (N, H, W) in [0, 1] as numpy, image i from a CPU generator seeded ``seeds[i]``;
+    latents decoded in the VAE's own dtype (fp32 also when the U-Net runs fp16)."""
     import torch
 
     from .model.components import to_grey
 
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        latents = pipe(list(prompts), negative_prompt=list(negatives) if any(negatives) else None,
+                       num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                       generator=gens, output_type="latent").images
+        vae = pipe.vae
+        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        x = (x / 2 + 0.5).clamp(0, 1)
+    return to_grey(x)[:, 0].clamp(0, 1).float().cpu().numpy()
+
+
+def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, negative: str,
+             batch_size: int, size: int):
+    """Images (N, H, W) in [0, 1] as numpy, one per prompt, image i from seed + i."""
+    import numpy as np
+
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        imgs = pipe(chunk, negative_prompt=[negative] * len(chunk) if negative else None,
-                    num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                    generator=gens, output_type="pt").images
-        out.append(to_grey(imgs)[:, 0].clamp(0, 1).cpu().numpy())
+        out.append(denoise(pipe, chunk, [negative or ""] * len(chunk), [seed + start + i for i in range(len(chunk))],
+                           steps, guidance, size))
     return np.concatenate(out)
 
 
@@ -116,28 +129,16 @@ class TorchBackend:
         return generate(self.pipe, prompts, seed, steps, guidance, negative, batch_size, size)
 
     def run_batch(self, prompts, negatives, seeds, steps, guidance, scheduler, size):
-        """One denoising run: images (N, H, W) in [0, 1], image i from a CPU generator seeded ``seeds[i]`` (the
-        same image as ``generate`` for that seed); latents decoded in the VAE's own dtype (fp32)."""
+        """One denoising run, image i from a CPU generator seeded ``seeds[i]`` (the same image as ``generate``
+        for that seed), with the named scheduler (kept per name)."""
         import diffusers
-        import torch
 
-        from .model.components import to_grey
-
-        pipe = self.pipe
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
         if scheduler not in self.schedulers:
-            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-        pipe.scheduler = self.schedulers[scheduler]
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            latents = pipe(list(prompts), negative_prompt=list(negatives) if any(negatives) else None,
-                           num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                           generator=gens, output_type="latent").images
-            vae = pipe.vae
-            x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-            x = (x / 2 + 0.5).clamp(0, 1)
-        return to_grey(x)[:, 0].clamp(0, 1).float().cpu().numpy()
+            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.pipe.scheduler.config)
+        self.pipe.scheduler = self.schedulers[scheduler]
+        return denoise(self.pipe, prompts, negatives, seeds, steps, guidance, size)
 
     def scorer(self):
         return None  # the torch path scores with the reward folders (generation_scorer)
