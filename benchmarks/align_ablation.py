@@ -42,10 +42,25 @@ METHODS = {
     "ddpo+rlcf": ["--method", "ddpo", "--rlcf", "--lr", "3e-3"],
     "ddpo+rlcf+ace": ["--method", "ddpo", "--rlcf", "--ace", "--lr", "3e-3"],
     "draft": ["--method", "draft", "--draft-k", "1", "--lr", "1e-3"],
+    # draft's +33 points came with FID +43 %: the same run anchored to the data by the denoising loss of real
+    # training images (loss = -reward + beta * L(real)), the guard the issue names against drifting off the data
+    "draft+real": ["--method", "draft", "--draft-k", "1", "--lr", "1e-3", "--real-data", "{prompts_data}",
+                   "--draft-beta", "0.3"],
     "dpo": ["--method", "dpo", *STORE, "--lr", "1e-3", "--iterations", "60"],
     # dpo's held-out reward rose at every probe of its 60 steps: the same run, 5x as long (still no image sampled)
     "dpo-300": ["--method", "dpo", *STORE, "--lr", "1e-3", "--iterations", "300", "--eval-every", "50"],
+    # ... and 3x as long again (run as dpo-300 continued from its saved state: a resumed run draws what an
+    # uninterrupted one does, tested)
+    "dpo-900": ["--method", "dpo", *STORE, "--lr", "1e-3", "--iterations", "900", "--eval-every", "50"],
 }
+LONGER = ("dpo-300", "dpo-900")  # longer runs of a method: not in the default set
+# The issue's gates on the best method against the baseline: FID at most 10 % above, MS-SSIM within 0.05.
+FID_TOLERANCE, MS_SSIM_TOLERANCE = 0.10, 0.05
+
+
+def within_gates(r: dict, base: dict) -> bool:
+    return (r["fid"] is not None and base["fid"] and r["fid"] <= base["fid"] * (1 + FID_TOLERANCE)
+            and abs(r["ms_ssim_generated"] - base["ms_ssim_generated"]) <= MS_SSIM_TOLERANCE)
 FINDINGS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
             "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Support Devices", "No Finding")
 
@@ -290,7 +305,7 @@ def main() -> int:
     a = p.parse_args()
     os.chdir(REPO)
     (REPO / a.runs).mkdir(parents=True, exist_ok=True)
-    names = a.only.split(",") if a.only else [m for m in METHODS if m != "dpo-300"]
+    names = a.only.split(",") if a.only else [m for m in METHODS if m not in LONGER]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
@@ -304,7 +319,10 @@ def main() -> int:
     rows = [row("baseline", metrics["baseline"], a)]
     rows += [row(n, metrics[n], a) for n in sorted(names, key=list(METHODS).index)]  # the table in METHODS order
     base = rows[0]
-    best = max(rows[1:], key=lambda r: r["panel_plausible_rate"] or -1)
+    # The best method: the highest panel plausible rate among those within the FID / MS-SSIM gates (the
+    # highest overall only if none is).
+    passing = [r for r in rows[1:] if within_gates(r, base)] or rows[1:]
+    best = max(passing, key=lambda r: r["panel_plausible_rate"] or -1)
     result = {"benchmark": "align-ablation", "device": machine(), "baseline": a.baseline, "eval_data": a.eval_data,
               "prompts_data": a.prompts_data, "judge": a.judge, "n_prompts": a.n_prompts, "heldout_file": HELDOUT,
               "iterations": a.iterations, "rows": rows, "best": best["method"],
@@ -312,7 +330,8 @@ def main() -> int:
                                    - (base["panel_plausible_rate"] or 0),
                                    "auroc_ratio_mean": best["auroc_ratio_mean"], "auroc_ratio_min": best["auroc_ratio_min"],
                                    "fid_change": best["fid"] / base["fid"] - 1 if base["fid"] else None,
-                                   "ms_ssim_change": best["ms_ssim_generated"] - base["ms_ssim_generated"]}}
+                                   "ms_ssim_change": best["ms_ssim_generated"] - base["ms_ssim_generated"],
+                                   "within_gates": within_gates(best, base)}}
     out = REPO / "benchmarks" / "results" / "align-ablation-cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     curves(names, a, REPO / "docs" / "align_curves.png")

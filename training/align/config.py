@@ -25,8 +25,10 @@ class AlignConfig:
     reward_dir: str | None = None  # reward model folders (default: models/rewards)
     feedback: str | None = None  # rwl / dpo: feedback store URL or path, or an NDJSON export (cxrgen feedback export)
     feedback_blobs: str | None = None  # the store's image folder (default: the store's own default)
-    real_data: str | None = None  # rwl: real training images (MIMIC layout; the train split) for beta * L(real)
+    # rwl (required), draft (optional guard): real training images (MIMIC layout; the train split) for beta * L(real)
+    real_data: str | None = None
     rwl_beta: float = 0.3  # rwl: weight of the real-data likelihood (Sun et al.)
+    draft_beta: float = 0.3  # draft with --real-data: loss = -reward + draft_beta * L(real), the anchor to the data
     dpo_beta: float = 2000.0  # dpo: KL strength (Wallace et al. use 2000-5000 for SD)
     # CXRL's reward: a weighted sum of the CXR rewards (normalised to sum 1)
     weights: dict = dataclasses.field(default_factory=lambda: {"plausibility": 0.4, "posture": 0.2,
@@ -97,6 +99,8 @@ class AlignConfig:
             raise ValueError("--eval-every, --patience and --eval-limit must be >= 0")
         if self.method == "ddpo" and self.eta <= 0:
             raise ValueError("--eta must be > 0 for ddpo (a deterministic step has no log-probability)")
+        if self.draft_beta < 0:
+            raise ValueError(f"--draft-beta must be >= 0, got {self.draft_beta}")
         if self.method == "draft" and not 1 <= self.draft_k <= self.steps:
             raise ValueError(f"--draft-k must be in [1, --steps={self.steps}], got {self.draft_k}")
         if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:

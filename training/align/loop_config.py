@@ -65,7 +65,7 @@ class LoopConfig:
     # --- 4. alignment
     method: str = "ddpo"  # ddpo, draft (on the round's rewards), rwl or dpo (on the loop's store)
     iterations: int = 20  # alignment rounds (sampling + update) per loop round
-    real_data: str | None = None  # rwl: real training images (MIMIC layout) for beta * L(real)
+    real_data: str | None = None  # rwl (and draft, as its anchor): real training images (MIMIC layout) for beta * L(real)
     align_config: str | None = None  # JSON file of further AlignConfig fields, e.g. {"rlcf": true, "weights": {...}}
     # --- 5. held-out evaluation of the current model and the candidate (same prompts, same seeds)
     eval_data: str | None = None  # simulated data set of the held-out prompts (default --prompts-from)

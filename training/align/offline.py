@@ -95,6 +95,20 @@ def embed(pipe, prompts) -> torch.Tensor:
     return pipe.encode_prompt(list(prompts), pipe.device, 1, False, None)[0]
 
 
+def real_errors(pipe, batch: list, latents: torch.Tensor, sched, gen: torch.Generator) -> torch.Tensor:
+    """Per-image denoising errors of real (image, prompt) ``batch`` (its ``latents``): the likelihood anchor."""
+    noise, t = _noise_t(latents, sched, gen)
+    return errors(pipe.unet, sched, latents, embed(pipe, [p for _, p in batch]), t, noise)
+
+
+def real_batch(pipe, real: list, cfg, it: int) -> tuple[list, torch.Tensor, torch.Generator]:
+    """Round ``it``'s real (image, prompt) batch, its latents and the generator its noise comes from."""
+    rng = random.Random(cfg.seed * 1_000_033 + it)
+    batch = rng.sample(real, min(cfg.prompts_per_iter * cfg.images_per_prompt, len(real)))
+    return batch, latents_of(pipe, torch.stack([x for x, _ in batch])), torch.Generator().manual_seed(
+        cfg.seed * 1_000_033 + it)
+
+
 def rwl_round(pipe, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
     """One reward-weighted likelihood step on ``batch`` real and ``batch`` generated images."""
     rng = random.Random(cfg.seed * 1_000_003 + it)
@@ -106,9 +120,8 @@ def rwl_round(pipe, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
     g_lat = latents_of(pipe, stored_images(fb.store, [g for g, _, _ in gb], size))
     r_lat = latents_of(pipe, torch.stack([x for x, _ in rb]))
     gn, gt = _noise_t(g_lat, sched, gen)
-    rn, rt = _noise_t(r_lat, sched, gen)
+    l_real = real_errors(pipe, rb, r_lat, sched, gen)
     l_gen = errors(pipe.unet, sched, g_lat, embed(pipe, [p for _, p, _ in gb]), gt, gn)
-    l_real = errors(pipe.unet, sched, r_lat, embed(pipe, [p for _, p in rb]), rt, rn)
     rewards = torch.tensor([r for _, _, r in gb], device=l_gen.device)
     loss = rwl_loss(l_real, l_gen, rewards, cfg.rwl_beta)
     opt.backward(loss)

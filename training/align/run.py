@@ -99,7 +99,10 @@ def round_batch(prompts: list, cfg: AlignConfig, it: int, rank: int = 0) -> tupl
     return [p for p, _ in flat], [[f.to_dict() for f in fs] for _, fs in flat], seeds
 
 
-def draft_round(pipe, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig) -> dict:
+def draft_round(pipe, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig, real: list | None = None,
+                sched=None, it: int = 0) -> dict:
+    """One DRaFT-K step: -reward of fresh samples, plus ``cfg.draft_beta`` x the denoising loss of a real batch
+    when ``real`` images are given (the likelihood anchor that keeps the model near the data)."""
     from .sampling import decode, sample_draft
 
     with opt.autocast():
@@ -108,9 +111,16 @@ def draft_round(pipe, opt, prompts, findings, seeds, reward_fn, cfg: AlignConfig
         images = decode(pipe, x0)
     reward = reward_fn(images.float(), prompts, findings)
     loss = -reward.mean()
+    info = {}
+    if real:
+        batch, latents, gen = offline.real_batch(pipe, real, cfg, it)
+        with opt.autocast():
+            l_real = offline.real_errors(pipe, batch, latents, sched, gen).mean()
+        loss = loss + cfg.draft_beta * l_real
+        info["real_loss"] = l_real.item()
     opt.backward(loss)
     grad_norm = opt.step()
-    return {"reward": reward.mean().item(), "loss": loss.item(), "grad_norm": grad_norm}
+    return {"reward": reward.mean().item(), "loss": loss.item(), "grad_norm": grad_norm, **info}
 
 
 def save_state(out: Path, it: int, params: dict, opt, stats, images: int, seconds: float, watch=None) -> None:
@@ -222,6 +232,8 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
     fb, real, noise_sched = offline_data(cfg, pipe, out) if not on_policy else (None, [], None)
+    if cfg.method == "draft" and cfg.real_data:
+        real, noise_sched = draft_real_data(cfg, pipe)
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     watch = Watch(cfg, pipe, reward_fn, params)
     start, images, seconds = load_state(out, params, opt, stats, watch)
@@ -248,7 +260,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
             images += len(p) * (2 if anchor is not None else 1) * opt.accelerator.num_processes
         elif cfg.method == "draft":
             p, f, s = round_batch(prompts, cfg, it, opt.rank)
-            info = draft_round(pipe, opt, p, f, s, reward_fn, cfg)
+            info = draft_round(pipe, opt, p, f, s, reward_fn, cfg, real, noise_sched, it)
             images += len(p) * opt.accelerator.num_processes
         elif cfg.method == "rwl":
             with opt.autocast():
@@ -284,6 +296,16 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     if not opt.is_main:
         return out / "checkpoint"
     return finish(pipe, cfg, out, parent, versions, images, seconds, extra, evaluation)
+
+
+def draft_real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
+    """draft --real-data: the real training images of the likelihood anchor and the training noise schedule."""
+    from diffusers import DDPMScheduler
+
+    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size)
+    if not real:
+        raise ValueError(f"--real-data {cfg.real_data}: no training images")
+    return real, DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def offline_data(cfg: AlignConfig, pipe, out: Path):
