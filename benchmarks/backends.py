@@ -20,6 +20,7 @@ onnxruntime at batch 1 (``triton_overhead_batch1``: seconds per image and ratio,
 Resumable and cheap: each finished row is written to the results file at once, and a rerun skips the
 rows already there for the same settings (--fresh starts over); --quick runs 5 steps, 1 timed repeat.
 Usage: nice python benchmarks/backends.py [--quick] [--backends torch,onnxruntime] [--batches 1,4,16]
+       [--redo onnxruntime] (measure those backends' rows again, keeping the others)
 Writes benchmarks/results/backends-cpu.json and prints a markdown table.
 """
 
@@ -256,6 +257,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 timed repeat: minutes, not tens of minutes")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
+    ap.add_argument("--redo", default="", help="backends whose rows are measured again (e.g. after other load)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-backends")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "backends-cpu.json"))
     ap.add_argument("--note", default="", help="e.g. other load on the machine while this ran")
@@ -284,7 +286,8 @@ def main() -> None:
     settings = {"steps": args.steps, "repeats": args.repeats,
                 "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else model.name}
     old = json.loads(out.read_text()) if out.is_file() and not args.fresh else {}
-    rows = [r for r in old.get("rows", []) if old.get("settings") == settings]
+    redo = {b for b in args.redo.split(",") if b}
+    rows = [r for r in old.get("rows", []) if old.get("settings") == settings and r["backend"] not in redo]
     batches = [int(b) for b in args.batches.split(",")]
     todo = [(b, n) for b in ["torch", *[b for b in backends if b != "torch"]]  # eager first: the PSNR reference
             for n in batches if not any(r["backend"] == b and r["batch"] == n for r in rows)]  # resumable

@@ -37,6 +37,7 @@ class ServeConfig:
     keys: str | None = None  # CXRGEN_API_KEYS: "key:role,role;key2:role" (see security.py)
     keys_file: str | None = None  # CXRGEN_API_KEYS_FILE: a mounted file with the same, one key per line
     reload_poll_s: float = 1.0  # how often a worker checks whether another worker switched models
+    torch_compile: bool = False  # CXRGEN_TORCH_COMPILE=1: the torch backend's U-Net through torch.compile
 
     @classmethod
     def from_env(cls) -> "ServeConfig":
@@ -54,6 +55,7 @@ class ServeConfig:
         c.max_job_work = float(_env("CXRGEN_MAX_JOB_WORK", str(c.max_job_work)))
         c.max_body_bytes = int(_env("CXRGEN_MAX_BODY", str(c.max_body_bytes)))
         c.warmup = _env("CXRGEN_WARMUP", "1") not in ("0", "false", "no")
+        c.torch_compile = _env("CXRGEN_TORCH_COMPILE", "0") not in ("0", "false", "no")
         c.keys = _env("CXRGEN_API_KEYS")
         c.keys_file = _env("CXRGEN_API_KEYS_FILE")
         if c.max_batch < 1:

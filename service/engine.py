@@ -102,7 +102,8 @@ def resolve_source(source: str | None) -> tuple[str, Path]:
     return "default", DEFAULT_MODEL
 
 
-def load_model(source: str | None, device: str, backend: str | None = None, triton_url: str | None = None) -> Model:
+def load_model(source: str | None, device: str, backend: str | None = None, triton_url: str | None = None,
+               torch_compile: bool = False) -> Model:
     """Load a generator through ``training.generation.load_backend``: ``backend`` None picks torch for a
     checkpoint, onnxruntime for an export folder, triton for a Triton repository. torch on CUDA runs an fp16
     U-Net and text encoder with an fp32 VAE (fp16 decoding clips)."""
@@ -124,7 +125,7 @@ def load_model(source: str | None, device: str, backend: str | None = None, trit
     if not is_dir:
         raise ModelLoadError(f"{source[:200]}: no checkpoint folder at {str(folder)[:200]}")
     name = backend or default_backend(folder)
-    options = {"half": device.startswith("cuda")} if name == "torch" else {}
+    options = {"half": device.startswith("cuda"), "compile": torch_compile} if name == "torch" else {}
     if name == "triton" and triton_url:
         options["url"] = triton_url
     try:
@@ -191,7 +192,7 @@ class Engine:
     def start(self) -> None:
         """Load the generator and rewards, start the batch worker, run the warm-up generation."""
         source = self._active_choice() or self.cfg.model
-        self.model = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url)
+        self.model = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url, self.cfg.torch_compile)
         self._load_rewards()
         if self.metrics:
             self.metrics.model_loaded(self.model.version, None)
@@ -339,7 +340,8 @@ class Engine:
         """Load ``source`` beside the serving model, then switch; on failure the old one keeps serving."""
         with self._reload_lock:
             previous = self.model
-            new = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url)  # failure: nothing changed
+            # failure: nothing changed
+            new = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url, self.cfg.torch_compile)
             self.model = new
             self._write_active(source)
         if self.metrics:

@@ -243,6 +243,16 @@ def test_generate_cli_same_outputs_for_every_backend(micro, tmp_path, capsys):
     assert psnr(pngs(tmp_path / "d"), pngs(tmp_path / "e")) >= 40
 
 
+@pytest.mark.slow
+def test_generate_compile_gives_the_eager_images(micro, tmp_path):
+    """--compile (torch.compile of the U-Net, issue 10 section 5): the same images as eager, within float noise."""
+    ckpt, _, _ = micro
+    common = ["generate", "--prompt", PROMPTS[0], "--n", "2", "--steps", "2", "--model", str(ckpt)]
+    assert cli([*common, "--out", str(tmp_path / "eager")]) == 0
+    assert cli([*common, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert psnr(pngs(tmp_path / "eager"), pngs(tmp_path / "compiled")) >= 40
+
+
 def broken_export(micro, tmp_path) -> Path:
     bad = tmp_path / "broken"
     shutil.copytree(micro[2], bad)
@@ -256,6 +266,7 @@ def broken_export(micro, tmp_path) -> Path:
     ("unknown_backend", "unknown --backend 'tvm'"),
     ("no_tensorrt", "tensorrt"),
     ("gpu_provider", "CUDAExecutionProvider"),
+    ("compile_not_torch", "--compile applies to the torch backend only"),
 ])
 def test_generate_bad_backend_input_is_a_clear_error(micro, tmp_path, capsys, case, message):
     ckpt, _, out = micro
@@ -265,7 +276,8 @@ def test_generate_bad_backend_input_is_a_clear_error(micro, tmp_path, capsys, ca
             "checkpoint": ["--model", str(ckpt), "--backend", "onnxruntime"],
             "unknown_backend": ["--model", str(out), "--backend", "tvm"],
             "no_tensorrt": ["--model", str(out), "--backend", "tensorrt", "--device", "cuda"],
-            "gpu_provider": ["--model", str(out), "--backend", "onnxruntime", "--device", "cuda"]}[case]
+            "gpu_provider": ["--model", str(out), "--backend", "onnxruntime", "--device", "cuda"],
+            "compile_not_torch": ["--model", str(out), "--compile"]}[case]
     rc = cli(["generate", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err

@@ -494,3 +494,21 @@ def test_backend_setting_is_checked(monkeypatch):
     monkeypatch.setenv("CXRGEN_TRITON_URL", "grpc://127.0.0.1:8001")
     cfg = ServeConfig.from_env()
     assert (cfg.backend, cfg.triton_url) == ("triton", "grpc://127.0.0.1:8001")
+
+
+def test_torch_compile_setting_reaches_the_torch_backend(monkeypatch, tmp_path):
+    """CXRGEN_TORCH_COMPILE=1: the service's torch backend runs its U-Net through torch.compile (issue 10, s. 5)."""
+    import torch
+
+    from micro_model import micro_checkpoint
+    from service.config import ServeConfig
+    from service.engine import load_model
+
+    assert ServeConfig.from_env().torch_compile is False
+    monkeypatch.setenv("CXRGEN_TORCH_COMPILE", "1")
+    cfg = ServeConfig.from_env()
+    assert cfg.torch_compile is True
+    ckpt = micro_checkpoint(tmp_path / "ckpt", "micro-compile", reports=200)
+    model = load_model(str(ckpt), "cpu", torch_compile=cfg.torch_compile)
+    assert model.runner.compiled and isinstance(model.runner.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert not load_model(str(ckpt), "cpu").runner.compiled

@@ -108,8 +108,10 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: Path, device: str, half: bool = False) -> None:
-        """``half``: fp16 U-Net and text encoder (CUDA), the VAE kept fp32 (fp16 decoding overflows)."""
+    def __init__(self, model: Path, device: str, half: bool = False, compile: bool = False) -> None:
+        """``half``: fp16 U-Net and text encoder (CUDA), the VAE kept fp32 (fp16 decoding overflows).
+        ``compile``: the U-Net through ``torch.compile`` (inductor). The first run of each batch shape pays the
+        compilation (tens of seconds on a CPU); benchmarks/backends.py measures what it buys afterwards."""
         import torch
 
         from .model.checkpoint import load_pipeline
@@ -117,6 +119,9 @@ class TorchBackend:
         self.pipe, manifest = load_pipeline(model, device=device, dtype=torch.float16 if half else None)
         if half:
             self.pipe.vae.to(torch.float32)
+        if compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        self.compiled = compile
         self.manifest = manifest
         self.version = manifest.version if manifest else model.name
         self.native_size = int(self.pipe.vae.config.sample_size)
@@ -166,7 +171,7 @@ def default_backend(model: Path) -> str:
 def load_backend(name: str | None, model: Path, device: str, **options):
     """``--backend`` on ``--model``: torch on a checkpoint (or on the checkpoint an export folder names),
     a registered backend on an export folder (triton: on a Triton repository too); None picks
-    ``default_backend``. ``options`` go to the backend's loader (torch: ``half``; triton: ``url``)."""
+    ``default_backend``. ``options`` go to the backend's loader (torch: ``half``, ``compile``; triton: ``url``)."""
     from importlib.metadata import entry_points
 
     model = Path(model)
@@ -232,6 +237,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "checkpoint, onnxruntime for an export folder, triton for a Triton repository (server at "
                         "$CXRGEN_TRITON_URL, default http://127.0.0.1:8000; grpc://HOST:PORT for gRPC). Same "
                         "images, log and scores from every backend")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: run the U-Net through torch.compile (compiles on the first batch; faster "
+                        "after, see the backends benchmark)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dicom", action="store_true", help="also write DICOM files")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -398,7 +406,9 @@ def run(args: argparse.Namespace) -> int:
         from .reward.base import generation_scorer          # before minutes of sampling
 
         scorer = generation_scorer(args.reward_dir, args.device)
-    backend = load_backend(args.backend, model, args.device)
+    if args.compile and (args.backend or default_backend(model)) != "torch":
+        raise ValueError("--compile applies to the torch backend only")
+    backend = load_backend(args.backend, model, args.device, **({"compile": True} if args.compile else {}))
     if args.score and exported and not args.reward_dir:  # the export's own reward graphs
         scorer = backend.scorer()
         if scorer is None:
