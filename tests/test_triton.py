@@ -274,6 +274,40 @@ def test_service_engine_on_triton_matches_onnxruntime(server, micro, repo, tmp_p
             eng.stop()
 
 
+def test_service_over_http_on_triton(server, micro, repo, tmp_path):
+    """The real service (``bentoml serve``) with CXRGEN_BACKEND=triton over gRPC: POST /generate answers with
+    onnxruntime's images for the same seeds and with every reward score; /models and the metrics name triton."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from export.ort import load
+    from service_support import start_live
+
+    live = start_live(tmp_path / "svc", workers=1, CXRGEN_MODEL=repo, CXRGEN_BACKEND="triton",
+                      CXRGEN_TRITON_URL=server.grpc_url, CXRGEN_REWARD_DIR=micro[1])
+    try:
+        with live.client("client") as c:
+            r = c.post("/generate", json={"prompt": PROMPTS[0], "n": 2, "seed": 4, "steps": 2, "guidance": 3.0})
+            assert r.status_code == 200, r.text
+            models = c.get("/models")
+            metrics = c.get("/metrics").text
+        d = r.json()
+        assert d["model_version"] == "micro-triton" and [im["seed"] for im in d["images"]] == [4, 5]
+        assert all({"plausibility", "combined"} <= set(im["scores"]) for im in d["images"])
+        served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(im["image"]))).convert("L"))
+                           for im in d["images"]]).astype(np.float32) / 255
+        ort = load(micro[2])
+        ort.set_scheduler("ddim")
+        ref = ort.generate([PROMPTS[0]] * 2, 4, 2, 3.0, "", 2, ort.native_size)
+        assert psnr(served, np.asarray(ref, dtype=np.float32)) >= 40
+        assert models.status_code == 200 and "triton" in json.dumps(models.json())
+        assert 'backend="triton"' in metrics
+    finally:
+        live.stop()
+
+
 @pytest.mark.slow
 def test_triton_serve_command_serves_the_repository(server, repo, tmp_path):
     """`cxrgen export triton-serve` (the bundled server in the foreground) on loopback ports, then Ctrl-C."""
