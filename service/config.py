@@ -32,6 +32,10 @@ class ServeConfig:
     max_work: float = 16 * 50 * 256 * 256  # CXRGEN_MAX_WORK: n x steps x pixels allowed in one call
     max_job_work: float = 10_000 * 50 * 256 * 256  # CXRGEN_MAX_JOB_WORK: count x steps x pixels of one batch
     max_body_bytes: int = 1_000_000  # CXRGEN_MAX_BODY: larger request bodies get 413
+    max_active_jobs: int = 4  # CXRGEN_MAX_JOBS: augmentation batches queued or running at once in this store
+    # (every worker and replica sharing it); a submit past it gets 429
+    rate_limits: str | None = None  # CXRGEN_RATE_LIMITS: "role=RATE[:BURST],..." per API key, or "off"
+    # (security.parse_limits; unset: security.DEFAULT_LIMITS)
     warmup: bool = True  # CXRGEN_WARMUP=0 skips the warm-up generation (ready at once; tests)
     warmup_steps: int = 2  # steps of the warm-up generation
     keys: str | None = None  # CXRGEN_API_KEYS: "key:role,role;key2:role" (see security.py)
@@ -54,12 +58,16 @@ class ServeConfig:
         c.max_work = float(_env("CXRGEN_MAX_WORK", str(c.max_work)))
         c.max_job_work = float(_env("CXRGEN_MAX_JOB_WORK", str(c.max_job_work)))
         c.max_body_bytes = int(_env("CXRGEN_MAX_BODY", str(c.max_body_bytes)))
+        c.max_active_jobs = int(_env("CXRGEN_MAX_JOBS", str(c.max_active_jobs)))
+        c.rate_limits = _env("CXRGEN_RATE_LIMITS")
         c.warmup = _env("CXRGEN_WARMUP", "1") not in ("0", "false", "no")
         c.torch_compile = _env("CXRGEN_TORCH_COMPILE", "0") not in ("0", "false", "no")
         c.keys = _env("CXRGEN_API_KEYS")
         c.keys_file = _env("CXRGEN_API_KEYS_FILE")
         if c.max_batch < 1:
             raise ValueError(f"CXRGEN_MAX_BATCH must be >= 1, got {c.max_batch}")
+        if c.max_active_jobs < 1:
+            raise ValueError(f"CXRGEN_MAX_JOBS must be >= 1, got {c.max_active_jobs}")
         if c.backend is not None:
             from training.generation import backend_names
 

@@ -46,6 +46,8 @@ class Metrics:
         self.model_info = Gauge("cxrgen_model_info", "The generator version being served (1 = serving)",
                                 ["version"], multiprocess_mode="livemax")
         self.jobs = Counter("cxrgen_augment_jobs_total", "Augmentation jobs by final state", ["state"])
+        self.rate_limited = Counter("cxrgen_rate_limited_total", "Requests refused with 429 by the per-key rate "
+                                    "limit, by the role whose limit was hit", ["role"])
         self._gpu = None
         self._gpu_thread = None
         # Every labelled series exists from the start (at 0), so dashboards and alerts see it before it moves.
@@ -55,6 +57,8 @@ class Metrics:
             self.feedback.labels(kind)
         for state in ("done", "failed"):
             self.jobs.labels(state)
+        for role in ("client", "rater", "trainer", "admin", "open"):
+            self.rate_limited.labels(role)
 
     # called by the engine and the endpoints
     def batch(self, n: int, seconds: float, size: int, backend: str) -> None:
@@ -81,6 +85,9 @@ class Metrics:
 
     def job_finished(self, state: str) -> None:
         self.jobs.labels(state).inc()
+
+    def limited(self, role: str) -> None:
+        self.rate_limited.labels(role).inc()
 
     # GPU
     def start_gpu(self, interval_s: float = 5.0) -> bool:

@@ -21,20 +21,24 @@ import time
 import bentoml
 from starlette.responses import JSONResponse, Response
 
+from . import bentoml_fixes
 from .config import ServeConfig
 from .schemas import (AugmentRequest, ComparisonIn, GenerateRequest, GenerateResponse, Limits, PngRequest, RatingIn,
                       ReloadRequest)
-from .security import Guard, install_log_redaction, parse_keys
+from .security import Guard, install_log_redaction, parse_keys, parse_limits
 from .web import RUNTIME, app as web_app, error
 
 log = logging.getLogger("cxrgen.service")
+bentoml_fixes.install()  # BentoML's request timeout keeps every request's span for traffic.timeout s otherwise
 CFG = ServeConfig.from_env()
 Limits.max_work = CFG.max_work
 Limits.max_job_work = CFG.max_job_work
 KEYS = parse_keys(CFG.keys, CFG.keys_file)
+LIMITS = parse_limits(CFG.rate_limits)  # a malformed CXRGEN_RATE_LIMITS stops the start-up, naming the entry
 # No keys: an open service must not be reachable from other machines.
 HOST = "0.0.0.0" if KEYS else "127.0.0.1"
 READY_WAIT_S = 120  # how long a request that arrives during start-up waits for this worker's models
+JOB_STALE_S = 1800  # an augmentation job not updated for this long no longer counts against CXRGEN_MAX_JOBS
 
 
 @bentoml.service(name="cxrgen", http={"host": HOST, "port": 3000},
@@ -289,6 +293,24 @@ class CXRGen:
                 "acceptance_rate": manifest["acceptance_rate"], "result_url": f"/augment/{job_id}/result"}
 
 
+def _active_jobs() -> int:
+    """Augmentation jobs queued or running in the store (all workers and replicas that share it)."""
+    jobs = RUNTIME.get("jobs")
+    if jobs is None:  # not started yet: the task itself waits for the models
+        return 0
+    import datetime as dt
+
+    # A job whose row has not moved for JOB_STALE_S was left behind by a server that died on another host
+    # (fail_orphans only sees this host's): it must not hold a slot for ever.
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=JOB_STALE_S)
+    n = 0
+    for state in ("queued", "running"):
+        for j in jobs.list(state, limit=100):
+            updated = dt.datetime.fromisoformat(j.updated)
+            n += (updated if updated.tzinfo else updated.replace(tzinfo=dt.timezone.utc)) >= since
+    return n
+
+
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
@@ -318,10 +340,23 @@ class AugmentGate:
             log.info("rejected augment request: %s", "; ".join(
                 f"{'.'.join(map(str, x['loc']))}: {x['type']}" for x in payload["detail"]))
             return await JSONResponse(payload, status_code=400)(scope, receive, send)
+        busy = await asyncio.to_thread(_active_jobs)
+        if busy >= CFG.max_active_jobs:  # a work budget across requests: each batch may hold the GPU for hours
+            return await JSONResponse(
+                {"error": f"{busy} augmentation batches are queued or running (this server's limit is "
+                          f"{CFG.max_active_jobs}, CXRGEN_MAX_JOBS); retry when one finishes", "field": "count",
+                 "limit": {"max_active_jobs": CFG.max_active_jobs}},
+                status_code=429, headers={"Retry-After": "60"})(scope, receive, send)
         scope = dict(scope, path="/augment/submit", raw_path=b"/augment/submit")
         await self.app(scope, replay(body, receive), send)
 
 
-CXRGen.add_asgi_middleware(Guard, keys=KEYS, max_body=CFG.max_body_bytes)
+def _count_limited(role: str) -> None:
+    from .metrics import metrics
+
+    metrics().limited(role)
+
+
+CXRGen.add_asgi_middleware(Guard, keys=KEYS, max_body=CFG.max_body_bytes, limits=LIMITS, on_limited=_count_limited)
 CXRGen.add_asgi_middleware(AugmentGate)
 __all__ = ["CXRGen"]

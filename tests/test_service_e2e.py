@@ -1,12 +1,17 @@
-"""End to end against a real `bentoml serve` process with two workers (issue 9, section 7)."""
+"""End to end against a real `bentoml serve` process with two workers (issue 9, section 7), and the same
+flows against a server whose feedback store is a real PostgreSQL (issue 11, section 3)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from service_support import REPO, KEYS
 
@@ -19,9 +24,28 @@ def cli(*args, key_role: str | None = None, timeout: float = 600) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_generate_rate_compare_stream_and_import(live_service, tmp_path):
+@pytest.fixture(scope="module")
+def live_pg(pg_cluster, tmp_path_factory):
+    """A real server (one worker) whose feedback store is a database on the test PostgreSQL cluster
+    (CXRGEN_STORE), with a tight rate limit on the admin role (test_rate_limit_reaches_a_real_server)."""
+    from service_support import start_live
+
+    url = pg_cluster.create_database("e2e_service")
+    live = start_live(tmp_path_factory.mktemp("live-pg"), workers=1, store=url, CXRGEN_RATE_LIMITS="admin=0.05:2")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_live(request):
+    """The session's two-worker server on SQLite, then the PostgreSQL one."""
+    return request.getfixturevalue("live_service" if request.param == "sqlite" else "live_pg")
+
+
+def test_generate_rate_compare_stream_and_import(any_live, tmp_path):
     from training.feedback.store import open_store
 
+    live_service = any_live
     with live_service.client("client") as c:
         r = c.post("/generate", json={"prompt": "Large left pleural effusion.", "n": 2, "seed": 40, "steps": 3})
     assert r.status_code == 200, r.text
@@ -51,6 +75,13 @@ def test_generate_rate_compare_stream_and_import(live_service, tmp_path):
     assert out.returncode == 0, out.stderr
     with open_store(copy, tmp_path / "blobs") as mine, open_store(live_service.store_url, live_service.blobs) as theirs:
         assert mine.counts() == theirs.counts()
+        # What the server acknowledged is in its database (PostgreSQL for the second run), read back directly.
+        assert theirs.engine.dialect.name == ("postgresql" if live_service.store else "sqlite")
+        assert [g.prompt for g in theirs.generations(ids)] == ["Large left pleural effusion."] * 2
+        stored = theirs.rating(rating.json()["id"])
+        assert stored.generation_id == ids[0] and stored.rater_id == "e2e-rater" and stored.plausible
+        pair = theirs.comparison(comparison.json()["id"])
+        assert (pair.generation_a, pair.generation_b, pair.preferred) == (ids[0], ids[1], "tie")
     denied = cli("feedback", "import", live_service.url, "--store", str(copy), key_role="client")
     assert denied.returncode == 2 and "HTTP 403" in denied.stderr
 
@@ -95,9 +126,55 @@ def test_server_log_holds_no_prompt_text(live_service):
         # (its tokenizer lower-cases and splits, so this marker is one plain word)
         word = "quokkazebra"
         assert c.post("/generate", json={"prompt": " ".join([word] * 80), "steps": 1}).status_code == 200
+    # Every other route that takes free text: augmentation prompts (refused, and a batch that runs), a rating's
+    # comment (refused, of an unknown generation, stored), the rating page's queue (a refused rater id).
+    with live_service.client("client") as c:
+        too_long = c.post("/augment", json={"count": 2, "prompts": [marker * 200], "steps": 1, "size": 64})
+        assert too_long.status_code == 400, too_long.text
+        bad = c.post("/augment", json={"count": 2, "prompts": [marker], "steps": 0})
+        assert bad.status_code == 400 and marker not in bad.text, bad.text
+        task = c.post("/augment", json={"count": 2, "prompts": [f"{marker} small left pleural effusion"],
+                                        "steps": 1, "size": 64})
+        assert task.status_code == 200, task.text
+        task = task.json()["task_id"]
+        for _ in range(240):
+            job = c.get(f"/augment/{task}")
+            if job.status_code == 200 and job.json()["state"] in ("done", "failed"):
+                break
+            time.sleep(0.25)
+        assert job.json()["state"] == "done", job.text
+    with live_service.client("rater") as c:
+        gid = c.get("/feedback/queue", params={"rater": "phi-rater"}).json()["items"][0]["id"]
+        assert c.post("/feedback/rating", json={"generation_id": gid, "rater_id": "phi-rater", "plausible": True,
+                                                "comment": marker * 300}).status_code == 400
+        assert c.post("/feedback/rating", json={"generation_id": 10**9, "rater_id": "phi-rater", "plausible": True,
+                                                "comment": marker}).status_code == 404
+        assert c.post("/feedback/rating", json={"generation_id": gid, "rater_id": "phi-rater", "plausible": True,
+                                                "comment": marker}).status_code == 200
+        assert c.get("/feedback/queue", params={"rater": marker + " x"}).status_code == 400
     log = live_service.log.read_text(errors="replace")
     assert "rejected request" in log  # the errors were logged...
     assert marker not in log and word not in log.lower()  # ...without the input
+    assert marker.lower() not in log.lower()
+
+
+def test_rate_limit_reaches_a_real_server(live_pg):
+    """CXRGEN_RATE_LIMITS=admin=0.05:2 on that server: two admin requests pass, the third gets 429 with
+    Retry-After and the limit; other keys and the health and metrics routes are not affected."""
+    import httpx
+
+    with live_pg.client("admin") as c:
+        codes = [c.get("/models").status_code for _ in range(3)]
+        assert codes == [200, 200, 429], codes
+        r = c.get("/models")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["limit"] == {"role": "admin", "rate_per_s": 0.05, "burst": 2.0}, r.json()
+    assert "rate limit" in r.json()["error"] and r.json()["field"] == "rate_limit"
+    with live_pg.client("client") as c:
+        assert c.get("/models").status_code == 200  # its own bucket
+    assert all(httpx.get(live_pg.url + p, timeout=30).status_code == 200 for p in ("/readyz", "/livez") * 5)
+    metrics = httpx.get(live_pg.url + "/metrics", timeout=30).text
+    assert re.search(r'^cxrgen_rate_limited_total\{role="admin"\} [2-9]', metrics, re.M), metrics[-2000:]
 
 
 def test_a_job_running_at_a_crash_is_reported_failed_after_restart(tmp_path):
@@ -132,39 +209,6 @@ def test_a_job_running_at_a_crash_is_reported_failed_after_restart(tmp_path):
         assert job["state"] == "failed" and "interrupted" in job["error"] and job["done"] > 0, job
     finally:
         again.stop()
-
-
-def test_bentoml_build_and_serve_the_bento(tmp_path):
-    import re
-
-    import httpx
-
-    from service_support import KEYS_ENV, auth, free_port, service_env, wait_ready
-
-    env = {**os.environ, **service_env(tmp_path, CXRGEN_WARMUP=0)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    built = subprocess.run([bentoml, "build", ".", "--output", "tag"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    tag = re.search(r"__tag__:(\S+)", built.stdout).group(1)
-    assert tag.startswith("cxrgen:")
-    bento = Path(tmp_path / "bentoml" / "bentos" / "cxrgen" / tag.split(":")[1])
-    assert (bento / "src" / "models" / "default" / "unet").is_dir() and (bento / "src" / "service" / "static"
-                                                                        / "ui.html").is_file()
-    port = free_port()
-    proc = subprocess.Popen([bentoml, "serve", tag, "--port", str(port)], cwd=tmp_path,
-                            env={**env, "CXRGEN_API_KEYS": KEYS_ENV}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
-            wait_ready(c.get)
-            r = c.post("/generate", json={"prompt": "Cardiomegaly.", "steps": 2}, headers=auth("client"))
-            assert r.status_code == 200, r.text
-            assert r.json()["model_version"] == "tiny-cpu-v2.2"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_a_model_that_fails_to_load_keeps_the_server_alive_but_not_ready(tmp_path):

@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import socket
 import uuid
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,8 +27,21 @@ STATES = ("queued", "running", "done", "failed")
 
 
 def owner_id() -> str:
-    """host:pid of this process: who runs a job."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:start of this process: who runs a job. The start time makes it one process, not one pid:
+    a restarted container numbers its processes as the last one did (same pod name, same pids), so a
+    restarted worker could otherwise take a dead worker's job for its own and leave it running forever."""
+    start = _start_ticks(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}" + (f":{start}" if start else "")
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot: /proc/PID/stat field 22); None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces; field 3 first
+    return fields[19] if len(fields) > 19 else None
 
 
 def _now() -> dt.datetime:
@@ -114,7 +128,7 @@ class Jobs:
         host = socket.gethostname()
         with Session(self.engine) as s, s.begin():
             rows = s.scalars(select(Job).where(Job.state.in_(("queued", "running")))).all()
-            gone = [j for j in rows if j.owner.rsplit(":", 1)[0] == host and not _pid_alive(j.owner)]
+            gone = [j for j in rows if j.owner.split(":", 1)[0] == host and not _owner_alive(j.owner)]
             for j in gone:
                 j.state, j.updated = "failed", _now()
                 j.error = (f"interrupted: the server process running it ({j.owner}) stopped after {j.done} of "
@@ -123,12 +137,16 @@ class Jobs:
         return ids
 
 
-def _pid_alive(owner: str) -> bool:
-    """Whether the process named by host:pid still runs on this host (signal 0 probes without signalling)."""
+def _owner_alive(owner: str) -> bool:
+    """Whether the process named by host:pid[:start] still runs on this host: the pid exists (signal 0
+    probes without signalling) and, where the owner names its start time, started then (not a reused pid)."""
+    parts = owner.split(":")
     try:
-        pid = int(owner.rsplit(":", 1)[1])
+        pid = int(parts[1])
     except (IndexError, ValueError):
         return False
+    if len(parts) > 2:  # host:pid:start (written since pids are known to be reused; see owner_id)
+        return _start_ticks(pid) == parts[2]
     if pid == os.getpid():
         return True
     try:

@@ -121,7 +121,7 @@ class Job(Base):
     sampled: Mapped[int] = mapped_column(Integer)  # images generated so far (done / sampled = acceptance rate)
     error: Mapped[str] = mapped_column(Text)  # why it failed ("" otherwise)
     result: Mapped[str] = mapped_column(Text)  # path of the result archive once done ("" before)
-    owner: Mapped[str] = mapped_column(String(KEY_LENGTH))  # host:pid of the process running it
+    owner: Mapped[str] = mapped_column(String(KEY_LENGTH))  # host:pid:start of the process running it (jobs.owner_id)
     created: Mapped[dt.datetime] = _created()
     updated: Mapped[dt.datetime] = _created()
 

@@ -101,10 +101,36 @@ def validate_folder(folder: str | Path) -> list[str]:
             problems.append(f"{sub / CONFIGS[comp]} is missing")
         if comp in WEIGHTS and not any((sub / w).is_file() for w in WEIGHTS[comp]):
             problems.append(f"{sub}/ has no weights (looked for {', '.join(WEIGHTS[comp][:2])})")
+        elif comp in WEIGHTS:
+            first = next(sub / w for w in WEIGHTS[comp] if (sub / w).is_file())  # the file loaders pick
+            if first.suffix == ".safetensors" and (damage := safetensors_damage(first)):
+                problems.append(damage)
         if comp == "tokenizer" and not ((sub / "tokenizer.json").is_file()
                                         or ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file())):
             problems.append(f"{sub}/ has neither tokenizer.json nor vocab.json + merges.txt")
     return problems
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (empty, truncated by an interrupted copy, not safetensors), or
+    None. Reads the header only: 8 bytes of length, then JSON whose tensors' data offsets must cover the rest
+    of the file exactly (the format's own rule), so a cut-off file is named before a loader fails on it with
+    a message that may not say which file (transformers' text encoder does not)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                return f"{path} is damaged: {size} bytes, no safetensors header (an interrupted copy?)"
+            meta = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"{path} is damaged: unreadable safetensors header ({type(e).__name__})"
+    if 8 + n + end != size:
+        return (f"{path} is damaged: {size} bytes where its header describes {8 + n + end} (truncated by an "
+                f"interrupted copy?)")
+    return None
 
 
 def load_pipeline(folder: str | Path, device: str = "cpu", dtype=None):
