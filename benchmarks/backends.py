@@ -233,18 +233,49 @@ def triton_overhead(rows: list[dict]) -> dict:
     return out
 
 
+def paired(args: argparse.Namespace) -> dict:
+    """torch eager and onnxruntime in one process, their end-to-end runs alternated (A, B, A, B, ...): on a
+    shared machine both see the same background load, so the per-pair ratio is the robust speed-up. Per
+    batch: median seconds per image of each and the median of the pairs' ratios."""
+    import torch
+
+    ensure_export(args.model, args.workdir)
+    runners = {"torch": torch_backend(args.model, "torch")[0], "onnxruntime": ort_backend(str(args.workdir / "onnx"))[0]}
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        for run in runners.values():  # warm-up (and first-shape planning) outside the timing
+            run([PROMPT] * b, 0, args.steps)
+        times = {k: [] for k in runners}
+        for _ in range(args.repeats):
+            for name, run in runners.items():
+                t = time.perf_counter()
+                run([PROMPT] * b, 0, args.steps)
+                times[name].append((time.perf_counter() - t) / b)
+        ratios = [a / o for a, o in zip(times["torch"], times["onnxruntime"])]
+        rows.append({"batch": b, "torch_s_per_image": statistics.median(times["torch"]),
+                     "onnxruntime_s_per_image": statistics.median(times["onnxruntime"]),
+                     "speedup_median_of_pairs": round(statistics.median(ratios), 3),
+                     "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3), "pairs": len(ratios),
+                     "load_avg_1min_after": round(os.getloadavg()[0], 2)})
+        print(f"batch {b}: onnxruntime {rows[-1]['speedup_median_of_pairs']:.2f}x torch eager "
+              f"(pairs {rows[-1]['speedup_min']:.2f}-{rows[-1]['speedup_max']:.2f})", file=sys.stderr)
+    return {"benchmark": "backends-paired", "device": machine(), "steps": args.steps, "repeats": args.repeats,
+            "torch_threads": torch.get_num_threads(), "note": args.note, "rows": rows}
+
+
 def table(result: dict) -> str:
     overhead = "; ".join(f"Triton {k} over onnxruntime at batch 1: +{v['s_per_image']:.3f} s / image "
                          f"({v['ratio']:.2f}x)" for k, v in result.get("triton_overhead_batch1", {}).items())
     lines = [f"{result['device']}, model {result['model']}, {result['steps']} DDIM steps, 128 px, guidance 4, "
              f"median of {result['repeats']}" + (f". {overhead}" if overhead else ""),
              "| backend | batch | U-Net step (s) | s / image | images / s | peak RSS (MiB; Triton: + server) | x torch "
-             "| PSNR vs torch |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| PSNR vs torch | load avg before |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['backend']} | {r['batch']} | {r['unet_step_s']:.4f} | {r['s_per_image']:.3f} | "
                      f"{r['images_per_s']:.2f} | {r['peak_rss_mib'] + r.get('server_peak_rss_mib', 0):.0f} | {r.get('speedup_vs_torch', float('nan')):.2f} "
-                     f"| {'exact' if r.get('psnr_vs_torch', 0) is None else r.get('psnr_vs_torch', '')} |")
+                     f"| {'exact' if r.get('psnr_vs_torch', 0) is None else r.get('psnr_vs_torch', '')} "
+                     f"| {r.get('load_avg_1min_before', '')} |")
     return "\n".join(lines)
 
 
@@ -258,6 +289,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 timed repeat: minutes, not tens of minutes")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
     ap.add_argument("--redo", default="", help="backends whose rows are measured again (e.g. after other load)")
+    ap.add_argument("--paired", action="store_true",
+                    help="torch eager vs onnxruntime alternated in one process (robust to background load); "
+                         "writes benchmarks/results/backends-paired-cpu.json")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-backends")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "backends-cpu.json"))
     ap.add_argument("--note", default="", help="e.g. other load on the machine while this ran")
@@ -273,6 +307,16 @@ def main() -> None:
         return worker(args)
     if args.quick:
         args.steps, args.repeats = 5, 1
+    if args.paired:
+        result = paired(args)
+        out = Path(__file__).parent / "results" / "backends-paired-cpu.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("| batch | torch eager s / image | onnxruntime s / image | onnxruntime x torch (median of pairs; range) |")
+        print("|---|---|---|---|")
+        for r in result["rows"]:
+            print(f"| {r['batch']} | {r['torch_s_per_image']:.3f} | {r['onnxruntime_s_per_image']:.3f} | "
+                  f"{r['speedup_median_of_pairs']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |")
+        return
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - set(BACKENDS)
     if unknown:
