@@ -158,10 +158,13 @@ def render(data: dict) -> str:
         "Measured on one worker after a 500-request warm-up: 4,000 cheap requests (`/models`, ratings) grew RSS",
         "5.3 KiB per request before the fix and 0.45 after; 12,000 gave 0.19 (0.07 in the second half) with no",
         "span left alive, and 6,000 mixed ones (a sixth each generations and stream pages) 0.26. The load test now",
-        "allows 32 MiB; the 120 s version grew 15 MiB (peak 23) with the fix, mostly the warm-up's tail.",
-        *(["The load row above was measured before the fix."] if any(
-            (t["rss_after_mib"] - t["rss_before_mib"]) * 1024 / t["requests"] > 4
-            for t in (tests.get("load[long]"), tests.get("load[short]")) if t and "rss_before_mib" in t) else []),
+        "allows 32 MiB.",
+        *([f"**Not solved at this load:** the run above (after the fix, two workers, the full mix) still grew "
+           f"{(t['rss_after_mib'] - t['rss_before_mib']) * 1024 / t['requests']:.1f} KiB per request "
+           f"({t['rss_after_mib'] - t['rss_before_mib']:.0f} MiB over {t['requests']} requests) and failed the "
+           f"bound: something besides the timers grows under this mix (not yet found)."
+           for t in [tests.get("load[long]")] if t and "rss_before_mib" in t
+           and (t["rss_after_mib"] - t["rss_before_mib"]) * 1024 / t["requests"] > 2]),
         "",
         "## Crash: kill -9 under 32 writers",
         "",
