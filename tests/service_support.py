@@ -50,6 +50,17 @@ def record_measurement(name: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def png_pixels(b64: str):
+    """A base64 PNG of a response (grey levels, uint8 array)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,11 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_support import REPO, auth
-
-
-def png_pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L"))
+from service_support import REPO, auth, png_pixels
 
 
 def gen(client, role="client", **body):

@@ -277,13 +277,8 @@ def test_service_engine_on_triton_matches_onnxruntime(server, micro, repo, tmp_p
 def test_service_over_http_on_triton(server, micro, repo, tmp_path):
     """The real service (``bentoml serve``) with CXRGEN_BACKEND=triton over gRPC: POST /generate answers with
     onnxruntime's images for the same seeds and with every reward score; /models and the metrics name triton."""
-    import base64
-    import io
-
-    from PIL import Image
-
     from export.ort import load
-    from service_support import start_live
+    from service_support import png_pixels, start_live
 
     live = start_live(tmp_path / "svc", workers=1, CXRGEN_MODEL=repo, CXRGEN_BACKEND="triton",
                       CXRGEN_TRITON_URL=server.grpc_url, CXRGEN_REWARD_DIR=micro[1])
@@ -296,8 +291,7 @@ def test_service_over_http_on_triton(server, micro, repo, tmp_path):
         d = r.json()
         assert d["model_version"] == "micro-triton" and [im["seed"] for im in d["images"]] == [4, 5]
         assert all({"plausibility", "combined"} <= set(im["scores"]) for im in d["images"])
-        served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(im["image"]))).convert("L"))
-                           for im in d["images"]]).astype(np.float32) / 255
+        served = np.stack([png_pixels(im["image"]) for im in d["images"]]).astype(np.float32) / 255
         ort = load(micro[2])
         ort.set_scheduler("ddim")
         ref = ort.generate([PROMPTS[0]] * 2, 4, 2, 3.0, "", 2, ort.native_size)
