@@ -8,10 +8,11 @@ Per backend and batch size (1, 4, 16), on the embedded model at its native 128 p
   * PSNR of the backend's images against torch eager's for the same seeds (bf16 is not bit-faithful).
 
 Backends: ``torch`` (eager fp32), ``torch-bf16`` (CPU autocast to bf16: the CPU has AMX / AVX512-BF16),
-``torch-compile`` (``torch.compile`` of the U-Net, inductor), ``onnxruntime`` (``export/ort.py``: graph
-optimisation level ALL, intra-op threads = cores, fp32), ``triton-http`` and ``triton-grpc`` (``export/
-triton_backend.py``: the repository of ``cxrgen export triton``, python-backend models running onnxruntime,
-served by nvidia-pytriton's bundled tritonserver, which this script starts on loopback ports for those rows
+``torch-compile`` (``torch.compile`` of the U-Net, inductor), ``onnxruntime`` (``export/ort.py``: the
+fused U-Net ``unet.fused.onnx``, graph optimisation level ALL, intra-op threads = cores, fp32),
+``triton-http`` and ``triton-grpc`` (``export/triton_backend.py``: the repository of ``cxrgen export
+triton``, python-backend models running onnxruntime, served by nvidia-pytriton's bundled tritonserver,
+which this script starts on loopback ports for those rows
 and stops at the end; the U-Net step is one request to the U-Net model, end to end one request per batch
 to the pipeline model; peak memory adds the server's processes, ``server_peak_rss_mib``). The export (and
 the repository) are made once into --workdir. The summary gives the Triton path's overhead over in-process
@@ -27,6 +28,7 @@ Writes benchmarks/results/backends-cpu.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -200,8 +202,11 @@ def ensure_export(model: str, workdir: Path) -> None:
     from export.folder import ExportConfig
     from export.onnx_export import export_onnx
 
-    if not (workdir / "onnx" / "export.json").is_file():
-        export_onnx(ExportConfig(checkpoint=model, out=str(workdir / "onnx"), rewards=False), force=True)
+    cfg = ExportConfig(checkpoint=model, out=str(workdir / "onnx"), rewards=False)
+    doc = workdir / "onnx" / "export.json"
+    # exported again when missing or written with other settings (e.g. by a cxrgen without the fused U-Net)
+    if not doc.is_file() or json.loads(doc.read_text()).get("config") != dataclasses.asdict(cfg):
+        export_onnx(cfg, force=True)
 
 
 def start_triton(workdir: Path):

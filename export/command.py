@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("checkpoint", help="checkpoint folder (cxrgen train / align output, or a diffusers SD folder)")
     o.add_argument("out", help="export folder to write")
     o.add_argument("--fp16", action="store_true", help="also write fp16 text encoder and U-Net graphs")
+    o.add_argument("--no-fuse", action="store_true",
+                   help="skip unet.fused.onnx (the U-Net with attention, LayerNorm and GELU fused for onnxruntime, "
+                        "1.5x faster per U-Net step on the CPU; TensorRT always builds from unet.onnx)")
     o.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     o.add_argument("--reward-dir", default="", help="folder of reward folders to export (default: models/rewards)")
     o.add_argument("--no-rewards", action="store_true", help="export the generator only")
@@ -86,11 +89,12 @@ def run_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_onnx
 
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, opset=args.opset, fp16=args.fp16,
-                       reward_dir=args.reward_dir, rewards=not args.no_rewards)
+                       reward_dir=args.reward_dir, rewards=not args.no_rewards, fuse=not args.no_fuse)
     print(json.dumps({"export_config": dataclasses.asdict(cfg)}))
     out = export_onnx(cfg, force=args.force)
     doc = json.loads((out / "export.json").read_text())
     print(json.dumps({"out": str(out), "graphs": sorted(doc["graphs"]), "fp16": sorted(doc["fp16_graphs"]),
+                      "fused": sorted(doc.get("fused_graphs", {})),
                       "rewards": sorted(doc["rewards"]), "max_abs_diff": doc["verified_max_abs_diff"]}))
     return 0
 

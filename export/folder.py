@@ -9,6 +9,7 @@ Layout (what ``cxrgen export onnx CHECKPOINT OUT`` writes)::
     OUT/scheduler/             the checkpoint's scheduler config, copied
     OUT/text_encoder.onnx, unet.onnx, vae_decoder.onnx          fp32 graphs
     OUT/text_encoder.fp16.onnx, unet.fp16.onnx                  with --fp16 (the VAE decoder stays fp32)
+    OUT/unet.fused.onnx                                         onnxruntime's fused U-Net (unless --no-fuse)
     OUT/rewards/<kind>.onnx, rewards/<kind>.json                each reward graph and its reward manifest
     OUT/tensorrt/                                                engines, added by ``cxrgen export tensorrt``
 
@@ -41,6 +42,7 @@ class ExportConfig:
     fp16: bool = False  # also write fp16 text encoder and U-Net graphs (I/O stays float32)
     reward_dir: str = ""  # folder of reward folders to export with the model; "" -> models/rewards
     rewards: bool = True  # export every trained reward under reward_dir
+    fuse: bool = True  # also write unet.fused.onnx: attention / LayerNorm / GELU fused for onnxruntime
 
 
 def graph_io(path: Path) -> dict:
@@ -74,8 +76,11 @@ class ExportFolder:
     def model(self) -> dict:
         return self.manifest["model"]
 
-    def graph(self, name: str, precision: str = "fp32") -> dict:
-        """The entry of graph ``name`` ("unet", "rewards/plausibility", ...) in ``precision`` (fp32 fallback)."""
+    def graph(self, name: str, precision: str = "fp32", fused: bool = False) -> dict:
+        """The entry of graph ``name`` ("unet", "rewards/plausibility", ...) in ``precision`` (fp32 fallback).
+        ``fused=True`` (onnxruntime runners only): the fp32 graph fused for onnxruntime where the export has one."""
+        if fused and precision == "fp32" and name in self.manifest.get("fused_graphs", {}):
+            return self.manifest["fused_graphs"][name]
         table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("fp16_graphs", {})
         entry = table.get(name) or self.manifest["graphs"].get(name)
         if entry is None:
@@ -114,7 +119,7 @@ def read_export(folder: str | Path, graph_files: bool = True) -> ExportFolder:
         raise ExportError(f"{path}: format {fmt} is not supported (this cxrgen reads {FORMAT_VERSION})")
     problems = [f"graph {g!r} is not listed" for g in PIPELINE_GRAPHS if g not in graphs]
     entries = [*graphs.values(), *manifest.get("fp16_graphs", {}).values(),
-               *(r for r in manifest.get("rewards", {}).values())]
+               *manifest.get("fused_graphs", {}).values(), *(r for r in manifest.get("rewards", {}).values())]
     if graph_files:
         problems += [f"{e['file']} is missing" for e in entries if not (root / e["file"]).is_file()]
     for sub, what in (("tokenizer", "tokenizer_config.json"), ("scheduler", "scheduler_config.json")):

@@ -8,6 +8,14 @@
    the tracing inputs (max abs difference recorded in export.json: a graph that drifts fails here).
 4. With ``--fp16``: text encoder and U-Net cast to fp16 (onnxruntime's converter, float32 I/O kept
    so every runner feeds the same arrays); the VAE decoder stays fp32 (fp16 decoders overflow).
+   Unless ``--no-fuse``: ``unet.fused.onnx``, the U-Net rewritten by onnxruntime's transformer optimizer
+   (model type ``unet``): each attention block becomes one com.microsoft ``Attention`` (self) or
+   ``MultiHeadAttention`` (cross) node, LayerNorm + residual ``SkipLayerNormalization``, ``Gelu``.
+   The default processor's separate MatMul / Softmax attention was what made onnxruntime slower than
+   torch's fused SDPA at batch 4-16 (benchmarks/results/backends-cpu.json). The CUDA-only fusions
+   (GroupNorm, BiasSplitGelu, NHWC Conv, packed QKV) stay off, so the graph runs on the CPU provider
+   too. onnxruntime runners (the backend, Triton's python models) take it; TensorRT's parser knows no
+   com.microsoft ops and builds from ``unet.onnx``. Checked against torch like the others.
 5. Tokenizer, scheduler config and the checkpoint manifest copied; export.json written last.
 """
 
@@ -80,6 +88,47 @@ def to_fp16(src: Path, dst: Path) -> Path:
     onnx.save(ir.to_proto(graph), str(dst))
     onnx.checker.check_model(str(dst))
     return dst
+
+
+# onnxruntime's transformer-optimizer fusions that have CUDA kernels only (or change the layout): kept off
+CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add",
+                     "enable_nhwc_conv", "enable_packed_qkv", "enable_packed_kv", "enable_bias_skip_layer_norm")
+
+
+def fuse_unet(src: Path, dst: Path) -> Path:
+    """``src`` with its attention, LayerNorm and GELU subgraphs fused for onnxruntime (see the module docstring)."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("unet")
+    for name in CUDA_ONLY_FUSIONS:
+        setattr(opts, name, False)
+    level = logging.getLogger("onnxruntime.transformers").level
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    try:
+        with _quiet(), contextlib.redirect_stderr(open(os.devnull, "w")):  # its progress bars
+            model = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0, opt_level=0,
+                                   optimization_options=opts, use_gpu=False)
+    finally:
+        logging.getLogger("onnxruntime.transformers").setLevel(level)
+    model.save_model_to_file(str(dst))
+    import onnx
+
+    onnx.checker.check_model(str(dst))
+    return dst
+
+
+def fused_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each fused type a graph holds (recorded in export.json)."""
+    import collections
+
+    import onnx
+
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node
+                              if n.domain == "com.microsoft")
+    return dict(sorted(ops.items()))
 
 
 def sha256(path: Path) -> str:
@@ -188,7 +237,7 @@ def prepare_out(out: Path, force: bool) -> None:
             raise ExportError(f"{out} exists and is not empty: choose a new folder or pass --force to overwrite")
         for sub in ("tokenizer", "scheduler", "rewards", "tensorrt"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        for f in out.glob("*.onnx"):
+        for f in out.glob("*.onnx"):  # unet.onnx, unet.fp16.onnx, unet.fused.onnx ...
             f.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -213,7 +262,17 @@ def export_onnx(cfg: ExportConfig, force: bool = False) -> Path:
     rewards = reward_graphs(cfg.reward_dir or None, out, cfg.opset) if cfg.rewards else {}
     diffs = {n: max_abs_diff(m, a, p, i) for n, (m, a, p, i) in graphs.items()}
     diffs.update({f"rewards/{n}": max_abs_diff(m, a, p, i) for n, (m, a, p, i, _) in rewards.items()})
-    # 4. fp16 variants
+    # 4. the fused U-Net for onnxruntime, then fp16 variants
+    fused = {}
+    if cfg.fuse:
+        un, un_args, _, un_in = graphs["unet"]
+        path = fuse_unet(out / "unet.onnx", out / "unet.fused.onnx")
+        ops = fused_ops(path)
+        if not ops.get("Attention") and not ops.get("MultiHeadAttention"):
+            raise ExportError(f"onnxruntime's optimizer fused no attention in {out / 'unet.onnx'} ({ops}): "
+                              f"export with --no-fuse")
+        diffs["unet.fused"] = max_abs_diff(un, un_args, path, un_in)
+        fused["unet"] = entry(out, path, "float32", fused_ops=ops)
     fp16 = {}
     if cfg.fp16:
         for name in ("text_encoder", "unet"):
@@ -233,6 +292,7 @@ def export_onnx(cfg: ExportConfig, force: bool = False) -> Path:
         "config": dataclasses.asdict(cfg), "opset": cfg.opset, "versions": versions(), "model": model_facts(pipe),
         "graphs": {n: entry(out, p, "float32") for n, (_, _, p, _) in graphs.items()},
         "fp16_graphs": fp16,
+        "fused_graphs": fused,  # onnxruntime only (com.microsoft ops); TensorRT reads "graphs"
         "rewards": {n: entry(out, p, "float32", **facts) for n, (_, _, p, _, facts) in rewards.items()},
         "combined_weights": combined_weights(cfg.reward_dir or None) if rewards else {},
         "verified_max_abs_diff": diffs,  # onnxruntime vs torch on the tracing inputs, fp32

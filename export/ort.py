@@ -76,7 +76,7 @@ class OrtRunner:
             if name.startswith("rewards/"):
                 entry = self.export.rewards[name.split("/", 1)[1]]
             else:
-                entry = self.export.graph(name, self.precision)
+                entry = self.export.graph(name, self.precision, fused=True)
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.export.path(entry)), self.options,
                                                            providers=self.providers)

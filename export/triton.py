@@ -204,7 +204,9 @@ def write_repository(export_dir: str | Path, out: str | Path, platform: str = "p
     # 2. one model per graph (U-Net: twice the batch for classifier-free guidance), then the pipeline
     models = {}
     for graph in ("text_encoder", "unet", "vae_decoder"):
-        entry = export.graph(graph, "fp32" if graph == "vae_decoder" else precision)  # fp16 decoders overflow
+        # fp16 decoders overflow; onnxruntime runs the fused U-Net where the export has one (same I/O)
+        entry = export.graph(graph, "fp32" if graph == "vae_decoder" else precision,
+                             fused=platform != "tensorrt")
         mb = 2 * max_batch if graph == "unet" else max_batch
         models[graph] = write_component(export, graph, entry, out, platform, mb, kind, instances)
     for name, entry in export.rewards.items():

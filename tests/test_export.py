@@ -103,9 +103,46 @@ def test_export_folder_is_self_describing(micro):
     kinds = {init.data_type for init in unet16.graph.initializer if len(init.dims) > 1}
     assert kinds == {onnx.TensorProto.FLOAT16}
     assert max(doc["verified_max_abs_diff"].values()) <= 1e-3
+    # the fused U-Net: same I/O, attention as onnxruntime's fused nodes, no CUDA-only op
+    fused = doc["fused_graphs"]["unet"]
+    assert (fused["inputs"], fused["outputs"]) == (doc["graphs"]["unet"]["inputs"], doc["graphs"]["unet"]["outputs"])
+    assert fused["fused_ops"].get("Attention", 0) + fused["fused_ops"].get("MultiHeadAttention", 0) >= 2
+    assert not {"GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv", "BiasAdd"} & set(fused["fused_ops"])
+    assert "unet.fused" in doc["verified_max_abs_diff"]
+    plain = {n.op_type for n in onnx.load(str(out / "unet.onnx")).graph.node}
+    assert "Softmax" in plain and not {"Attention", "MultiHeadAttention"} & plain  # TensorRT's graph stays plain
 
 
-def test_unet_parity_fp32_at_an_untraced_batch(micro):
+def test_onnxruntime_runs_the_fused_unet_and_falls_back_without_it(micro, tmp_path):
+    from export.folder import read_export
+    from export.ort import OrtRunner
+
+    _, _, out = micro
+    runner = OrtRunner(read_export(out))
+    runner.session("unet")
+    assert runner.sessions["unet"]._model_path.endswith("unet.fused.onnx")
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    doc = json.loads((plain / "export.json").read_text())
+    del doc["fused_graphs"]  # an export written with --no-fuse (or before fusion existed)
+    (plain / "export.json").write_text(json.dumps(doc))
+    runner = OrtRunner(read_export(plain))
+    runner.session("unet")
+    assert runner.sessions["unet"]._model_path.endswith("unet.onnx")
+    assert OrtRunner(read_export(out), precision="fp16").export.graph("unet", "fp16", fused=True)["file"] \
+        == "unet.fp16.onnx"  # fused is an fp32 graph: fp16 keeps its own
+
+
+def test_no_fuse_writes_no_fused_graph(micro, tmp_path):
+    ckpt, _, _ = micro
+    out = tmp_path / "onnx"
+    assert cli(["export", "onnx", str(ckpt), str(out), "--no-rewards", "--no-fuse"]) == 0
+    assert json.loads((out / "export.json").read_text())["fused_graphs"] == {}
+    assert not (out / "unet.fused.onnx").exists()
+
+
+@pytest.mark.parametrize("graph", ["unet.onnx", "unet.fused.onnx"])
+def test_unet_parity_fp32_at_an_untraced_batch(micro, graph):
     import onnxruntime as ort
 
     ckpt, _, out = micro
@@ -116,7 +153,7 @@ def test_unet_parity_fp32_at_an_untraced_batch(micro):
     ehs = torch.randn(5, MICRO.max_length, MICRO.text_hidden, generator=g)
     with torch.no_grad():
         ref = pipe.unet(sample, t, encoder_hidden_states=ehs).sample.numpy()
-    sess = ort.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / graph), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": ehs.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-3
 

@@ -110,6 +110,8 @@ def test_repository_is_written_for_every_platform(micro, repo, tmp_path):
     unet = parse_config(onnx_repo / "cxrgen_unet" / "config.pbtxt")
     assert unet.platform == "onnxruntime_onnx" and not (onnx_repo / "cxrgen_unet" / "1" / "model.py").exists()
     assert (onnx_repo / "cxrgen_unet" / "1" / "model.onnx").is_file()
+    for r in (repo, onnx_repo):  # onnxruntime runs the export's fused U-Net in both (TensorRT: the plain one)
+        assert (r / "cxrgen_unet" / "1" / "model.onnx").read_bytes() == (micro[2] / "unet.fused.onnx").read_bytes()
     timestep = next(i for i in unet.input if i.name == "timestep")
     assert list(timestep.dims) == [1] and timestep.HasField("reshape") and list(timestep.reshape.shape) == []
     assert unet.instance_group[0].kind == unet.instance_group[0].KIND_GPU
