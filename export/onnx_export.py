@@ -108,7 +108,7 @@ def fuse_unet(src: Path, dst: Path) -> Path:
     level = logging.getLogger("onnxruntime.transformers").level
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     try:
-        with _quiet(), contextlib.redirect_stderr(open(os.devnull, "w")):  # its progress bars
+        with _quiet(), open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its progress bars
             model = optimize_model(str(src), model_type="unet", num_heads=0, hidden_size=0, opt_level=0,
                                    optimization_options=opts, use_gpu=False)
     finally:
