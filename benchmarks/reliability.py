@@ -109,9 +109,25 @@ def _memory_now(t: dict | None) -> list[str]:
             "SQLite's page cache per pooled connection (2 MiB each, filling as the store grows), "
             "torch's per-shape caches, BentoML's metrics files. The measured phase after it: "
             f"{grew:+.0f} MiB over {t['requests']} requests, {per:+.2f} KiB per request{halves}: {verdict}. "
-            "The earlier run that read 5 KiB per request here had a fixed 24 s warm-up that ended inside that rise; "
-            "a 4-minute probe in 60 s phases (+53, +25, +0.9, -6.7 MiB) showed the level, and `MALLOC_ARENA_MAX=2` "
-            "the same shape, so it is not set."]
+            "The earlier run that read 5 KiB per request here had a fixed 24 s warm-up that ended inside that rise."
+            + _phases_text()]
+
+
+def _phases_text() -> str:
+    """What benchmarks/rss_phases.py measured (RSS growth per consecutive load phase), if it has run."""
+    f = ROOT / "benchmarks" / "results" / "rss-phases-cpu.json"
+    if not f.is_file():
+        return ""
+    runs = json.loads(f.read_text())["runs"]
+    parts = []
+    for label, r in runs.items():
+        env = ", ".join(f"{k}={v}" for k, v in r["env"].items() if v) or "default allocator"
+        growth = ", ".join(f"{p['growth_mib']:+g}" for p in r["phases"])
+        requests = sum(p["requests"] for p in r["phases"])
+        parts.append(f"{label} ({env}): {growth} MiB over {requests} requests")
+    return (" `benchmarks/rss_phases.py` shows the shape: RSS growth of a fresh two-worker server in consecutive "
+            f"{next(iter(runs.values()))['phase_s']:g} s phases of the same mix (12 clients), " + "; ".join(parts)
+            + " (`benchmarks/results/rss-phases-cpu.json`).")
 
 
 def _crash_rows(tests: dict) -> list[str]:

@@ -26,7 +26,7 @@ from .config import ServeConfig
 from .schemas import (AugmentRequest, ComparisonIn, GenerateRequest, GenerateResponse, Limits, PngRequest, RatingIn,
                       ReloadRequest)
 from .security import Guard, install_log_redaction, parse_keys, parse_limits
-from .web import RUNTIME, app as web_app, error
+from .web import READY_WAIT_S, RUNTIME, app as web_app, error
 
 log = logging.getLogger("cxrgen.service")
 bentoml_fixes.install()  # BentoML's request timeout keeps every request's span for traffic.timeout s otherwise
@@ -37,7 +37,6 @@ KEYS = parse_keys(CFG.keys, CFG.keys_file)
 LIMITS = parse_limits(CFG.rate_limits)  # a malformed CXRGEN_RATE_LIMITS stops the start-up, naming the entry
 # No keys: an open service must not be reachable from other machines.
 HOST = "0.0.0.0" if KEYS else "127.0.0.1"
-READY_WAIT_S = 120  # how long a request that arrives during start-up waits for this worker's models
 JOB_STALE_S = 1800  # an augmentation job not updated for this long no longer counts against CXRGEN_MAX_JOBS
 
 

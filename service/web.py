@@ -35,6 +35,7 @@ def error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+READY_WAIT_S = 120  # how long a request that arrives during start-up waits for this worker's models
 app = FastAPI(title="cxrgen GET routes", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -130,7 +131,12 @@ async def models():
     the checkpoints registered in the BentoML model store."""
     engine = RUNTIME["engine"]
     if engine.model is None:
-        return error(503, "models are still loading")
+        # Readiness is per worker: a client sent here by a /readyz another worker answered waits for this
+        # worker's load (bounded, as /generate does) instead of getting a 503; a failed load answers at once.
+        await asyncio.to_thread(engine.ready_event.wait, READY_WAIT_S)
+    if engine.model is None:
+        return error(503, "models are still loading" if not engine.ready_event.is_set()
+                     else "the models failed to load on this server; see its log")
     rewards = await asyncio.to_thread(engine.reward_versions)
     registered = await asyncio.to_thread(_bento_models)
     return {"serving": engine.model.info(), "rewards": rewards, "registered": registered, "ready": engine.ready}

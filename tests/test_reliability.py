@@ -51,9 +51,9 @@ PROMPTS = ("Moderate left pleural effusion.", "Cardiomegaly.", "No acute cardiop
 # and a 2-core CPU still answers hundreds of them in a short run (25 steps at 128 px take ~0.7 s each).
 GEN = {"steps": 2, "size": 64}
 # RSS growth allowed over the measured phase of the load test, which starts once RSS has stopped rising
-# (``warm_up``). Under the full mix on two workers RSS rises ~50-80 MiB over the first ~6,000 requests and then
-# stays flat (runs/leak2-style probe, 2026-11-27: per 60 s phase +53, +25, +0.9, -6.7 MiB; with
-# MALLOC_ARENA_MAX=2 the same shape). Not pinned down per part; likely allocator arenas of the request threads,
+# (``warm_up``). Under the full mix on two workers RSS rises by tens of MiB over the first several thousand
+# requests and then moves within tens of MiB either way (benchmarks/rss_phases.py, RSS growth per 60 s phase:
+# benchmarks/results/rss-phases-cpu.json; MALLOC_ARENA_MAX=2 no better). Not pinned down per part; likely allocator arenas of the request threads,
 # SQLite's page cache per pooled connection (2 MiB each, filling as the store grows), torch's per-shape caches,
 # BentoML's metrics files. A
 # fixed 24 s warm-up ended inside that rise and a 120 s run read it as 5 KiB per request. Before

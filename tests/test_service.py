@@ -277,6 +277,40 @@ def test_models_and_reload(service_app, tmp_path):
     assert back.status_code == 200
 
 
+def test_models_waits_for_this_workers_load(service_app):
+    """Readiness is per worker: /models on a worker still loading waits for it (as /generate does) instead of a
+    503 to a client another worker's /readyz sent here; a failed load answers 503 at once, naming it."""
+    import time
+
+    from service.web import RUNTIME
+
+    engine = RUNTIME["engine"]
+    model = engine.model
+    engine.model = None
+    engine.ready_event.clear()
+
+    def finish_loading():
+        time.sleep(0.5)
+        engine.model = model
+        engine.ready_event.set()
+
+    loader = threading.Thread(target=finish_loading)
+    try:
+        t = time.monotonic()
+        loader.start()
+        r = service_app.get("/models", headers=auth("client"))
+        assert r.status_code == 200 and r.json()["serving"]["version"] == model.version
+        assert time.monotonic() - t >= 0.4
+        loader.join()
+        engine.model = None  # a load that failed: the event is set, no model
+        r = service_app.get("/models", headers=auth("client"))
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]
+    finally:
+        loader.join()
+        engine.model = model
+        engine.ready_event.set()
+
+
 def test_backend_choice_same_images_and_scores_on_onnxruntime(service_app, tmp_path):
     """Issue 10, section 6: the service on an export folder runs onnxruntime (CXRGEN_BACKEND unset: the folder
     picks it; the same goes for CXRGEN_MODEL at start-up) and answers what torch answers for the same seed."""
