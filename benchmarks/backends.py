@@ -8,7 +8,8 @@ Per backend and batch size (1, 4, 16), on the embedded model at its native 128 p
   * PSNR of the backend's images against torch eager's for the same seeds (bf16 is not bit-faithful).
 
 Backends: ``torch`` (eager fp32), ``torch-bf16`` (CPU autocast to bf16: the CPU has AMX / AVX512-BF16),
-``torch-compile`` (``torch.compile`` of the U-Net, inductor), ``onnxruntime`` (``export/ort.py``: the
+``torch-compile`` (``torch.compile`` of the U-Net, inductor), ``torch-cl`` (the U-Net in channels-last
+memory format), ``onnxruntime`` (``export/ort.py``: the
 fused U-Net ``unet.fused.onnx``, graph optimisation level ALL, intra-op threads = cores, fp32),
 ``triton-http`` and ``triton-grpc`` (``export/triton_backend.py``: the repository of ``cxrgen export
 triton``, python-backend models running onnxruntime, served by nvidia-pytriton's bundled tritonserver,
@@ -22,6 +23,7 @@ Resumable and cheap: each finished row is written to the results file at once, a
 rows already there for the same settings (--fresh starts over); --quick runs 5 steps, 1 timed repeat.
 Usage: nice python benchmarks/backends.py [--quick] [--backends torch,onnxruntime] [--batches 1,4,16]
        [--redo onnxruntime] (measure those backends' rows again, keeping the others)
+       python benchmarks/backends.py --paired [--against torch-cl] (torch eager vs one other, alternated)
 Writes benchmarks/results/backends-cpu.json and prints a markdown table.
 """
 
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simulate import machine  # noqa: E402  (same machine description as the other benchmarks)
 
-BACKENDS = ("torch", "torch-bf16", "torch-compile", "onnxruntime", "triton-http", "triton-grpc")
+BACKENDS = ("torch", "torch-bf16", "torch-compile", "torch-cl", "onnxruntime", "triton-http", "triton-grpc")
 TRITON = ("triton-http", "triton-grpc")
 PROMPT = "Moderate left pleural effusion."
 
@@ -86,6 +88,8 @@ def torch_backend(model: str, variant: str):
     set_scheduler(pipe, "ddim")
     if variant == "torch-compile":
         pipe.unet = torch.compile(pipe.unet)
+    if variant == "torch-cl":  # the U-Net's weights (and so its convolutions) in channels-last memory format
+        pipe.unet.to(memory_format=torch.channels_last)
     if variant == "torch-bf16":  # the U-Net and text encoder in bf16 autocast; the VAE decodes in fp32
         for module in (pipe.unet, pipe.text_encoder):
             module.forward = bf16_forward(module.forward)
@@ -239,13 +243,20 @@ def triton_overhead(rows: list[dict]) -> dict:
 
 
 def paired(args: argparse.Namespace) -> dict:
-    """torch eager and onnxruntime in one process, their end-to-end runs alternated (A, B, A, B, ...): on a
-    shared machine both see the same background load, so the per-pair ratio is the robust speed-up. Per
-    batch: median seconds per image of each and the median of the pairs' ratios."""
+    """torch eager and --against (onnxruntime, or a torch variant) in one process, their end-to-end runs
+    alternated (A, B, A, B, ...): on a shared machine both see the same background load, so the per-pair ratio
+    is the robust speed-up. Per batch: median seconds per image of each and the median of the pairs' ratios."""
     import torch
 
-    ensure_export(args.model, args.workdir)
-    runners = {"torch": torch_backend(args.model, "torch")[0], "onnxruntime": ort_backend(str(args.workdir / "onnx"))[0]}
+    other = args.against
+    if other == "onnxruntime":
+        ensure_export(args.model, args.workdir)
+        challenger = ort_backend(str(args.workdir / "onnx"))[0]
+    elif other.startswith("torch-"):
+        challenger = torch_backend(args.model, other)[0]
+    else:
+        raise SystemExit(f"--against: onnxruntime or a torch variant ({', '.join(BACKENDS[1:4])}), got {other!r}")
+    runners = {"torch": torch_backend(args.model, "torch")[0], other: challenger}
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         for run in runners.values():  # warm-up (and first-shape planning) outside the timing
@@ -256,16 +267,16 @@ def paired(args: argparse.Namespace) -> dict:
                 t = time.perf_counter()
                 run([PROMPT] * b, 0, args.steps)
                 times[name].append((time.perf_counter() - t) / b)
-        ratios = [a / o for a, o in zip(times["torch"], times["onnxruntime"])]
+        ratios = [a / o for a, o in zip(times["torch"], times[other])]
         rows.append({"batch": b, "torch_s_per_image": statistics.median(times["torch"]),
-                     "onnxruntime_s_per_image": statistics.median(times["onnxruntime"]),
+                     f"{other}_s_per_image": statistics.median(times[other]),
                      "speedup_median_of_pairs": round(statistics.median(ratios), 3),
                      "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3), "pairs": len(ratios),
                      "load_avg_1min_after": round(os.getloadavg()[0], 2)})
-        print(f"batch {b}: onnxruntime {rows[-1]['speedup_median_of_pairs']:.2f}x torch eager "
+        print(f"batch {b}: {other} {rows[-1]['speedup_median_of_pairs']:.2f}x torch eager "
               f"(pairs {rows[-1]['speedup_min']:.2f}-{rows[-1]['speedup_max']:.2f})", file=sys.stderr)
-    return {"benchmark": "backends-paired", "device": machine(), "steps": args.steps, "repeats": args.repeats,
-            "torch_threads": torch.get_num_threads(), "note": args.note, "rows": rows}
+    return {"benchmark": "backends-paired", "against": other, "device": machine(), "steps": args.steps,
+            "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "note": args.note, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -295,8 +306,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the results file")
     ap.add_argument("--redo", default="", help="backends whose rows are measured again (e.g. after other load)")
     ap.add_argument("--paired", action="store_true",
-                    help="torch eager vs onnxruntime alternated in one process (robust to background load); "
-                         "writes benchmarks/results/backends-paired-cpu.json")
+                    help="torch eager vs --against alternated in one process (robust to background load); writes "
+                         "benchmarks/results/backends-paired-cpu.json (onnxruntime) or backends-paired-B-cpu.json")
+    ap.add_argument("--against", default="onnxruntime", help="--paired: onnxruntime or a torch variant (torch-cl, ...)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-backends")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "backends-cpu.json"))
     ap.add_argument("--note", default="", help="e.g. other load on the machine while this ran")
@@ -314,12 +326,14 @@ def main() -> None:
         args.steps, args.repeats = 5, 1
     if args.paired:
         result = paired(args)
-        out = Path(__file__).parent / "results" / "backends-paired-cpu.json"
+        other = args.against
+        name = "backends-paired-cpu.json" if other == "onnxruntime" else f"backends-paired-{other}-cpu.json"
+        out = Path(__file__).parent / "results" / name
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print("| batch | torch eager s / image | onnxruntime s / image | onnxruntime x torch (median of pairs; range) |")
+        print(f"| batch | torch eager s / image | {other} s / image | {other} x torch (median of pairs; range) |")
         print("|---|---|---|---|")
         for r in result["rows"]:
-            print(f"| {r['batch']} | {r['torch_s_per_image']:.3f} | {r['onnxruntime_s_per_image']:.3f} | "
+            print(f"| {r['batch']} | {r['torch_s_per_image']:.3f} | {r[f'{other}_s_per_image']:.3f} | "
                   f"{r['speedup_median_of_pairs']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |")
         return
     backends = [b for b in args.backends.split(",") if b]
