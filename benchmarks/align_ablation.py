@@ -56,8 +56,18 @@ METHODS = {
     # ... and 3x as long again (run as dpo-300 continued from its saved state: a resumed run draws what an
     # uninterrupted one does, tested)
     "dpo-900": ["--method", "dpo", *STORE, "--lr", "1e-3", "--iterations", "900", "--eval-every", "50"],
+    # dpo-300 (+9 points, FID -6 %) and draft+real-b1 (+9 points, FID +10 %) moved the panel by different
+    # routes (the store's comparisons; the rewards' gradient anchored to real images): one after the other,
+    # draft+real-b1 starting from dpo-300's checkpoint (its manifest names dpo-300, then tiny-cpu-v2.2)
+    "dpo-300+draft+real-b1": ["--model", "{runs}/dpo-300/checkpoint", "--method", "draft", "--draft-k", "1",
+                              "--lr", "1e-3", "--real-data", "{prompts_data}", "--draft-beta", "1"],
+    # dpo-900 lowered FID 14.5 % (the comparisons pull towards the real images' look) with +7 points: headroom for
+    # draft+real at beta 0.3 (+21.9 points for FID +20 % from the baseline) on top of it
+    "dpo-900+draft+real": ["--model", "{runs}/dpo-900/checkpoint", "--method", "draft", "--draft-k", "1",
+                           "--lr", "1e-3", "--real-data", "{prompts_data}", "--draft-beta", "0.3"],
 }
-LONGER = ("dpo-300", "dpo-900")  # longer runs of a method: not in the default set
+AFTER = {"dpo-300+draft+real-b1": "dpo-300", "dpo-900+draft+real": "dpo-900"}  # starts from another's checkpoint
+EXTRA = ("dpo-300", "dpo-900", *AFTER)  # longer or chained runs: not in the default set
 # The issue's gates on the best method against the baseline: FID at most 10 % above, MS-SSIM within 0.05.
 FID_TOLERANCE, MS_SSIM_TOLERANCE = 0.10, 0.05
 
@@ -80,7 +90,9 @@ def align(name: str, a) -> Path:
     ckpt = out / "checkpoint"
     if (ckpt / "cxrgen_manifest.json").is_file():
         return ckpt
-    own = [x.format(prompts_data=a.prompts_data) for x in METHODS[name]]
+    if name in AFTER:
+        align(AFTER[name], a)
+    own = [x.format(prompts_data=a.prompts_data, runs=a.runs) for x in METHODS[name]]
     run([sys.executable, "-m", "training.cli", "align", "--out", str(out.relative_to(REPO)),
          "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
          "--eval-every", str(a.eval_every), "--eval-data", a.eval_data, "--eval-limit", "32",
@@ -214,11 +226,13 @@ def curves(names: list[str], a, path: Path) -> None:
         x = (lambda r: r["iteration"] * 8) if store else (lambda r: r["images_sampled"])  # noqa: E731
         train = [(x(r), r["reward"]) for r in rows if "reward" in r]
         probes = [(x(r), r["heldout"]) for r in rows if "heldout" in r]
-        style = {"ls": "--", "color": f"C{i}"} if store else {"color": f"C{i}"}
+        color = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
+        # dashed: learns from stored images; dotted: starts from another method's checkpoint (AFTER)
+        style = {"ls": "--" if store else (":" if name in AFTER else "-"), "color": color}
         if train and not store:  # a round's mean over 8 images of 4 prompts is noisy: a running mean of 5 rounds
             xs, ys = zip(*train)
             smooth = np.convolve(ys, np.ones(5) / 5, mode="valid")
-            axes[0].plot(xs[4:], smooth, label=name, lw=1, color=f"C{i}")
+            axes[0].plot(xs[4:], smooth, label=name, lw=1, color=color)
         if probes:
             xs = [p[0] for p in probes]
             axes[1].plot(xs, [p[1].get("reward", math.nan) for p in probes], marker="o", ms=3, label=name, **style)
@@ -228,9 +242,11 @@ def curves(names: list[str], a, path: Path) -> None:
     axes[1].set_title("held-out reward (32 validation prompts)", fontsize=9)
     axes[2].set_title("held-out panel plausible rate (32 validation prompts)", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("images sampled (dashed: stored images / pairs learned from)", fontsize=8)
+        ax.set_xlabel("images sampled", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.text(0.5, 0.005, "dashed: stored images / pairs learned from (no sampling); dotted: started from another "
+             "method's checkpoint (x counts this run only)", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -309,7 +325,7 @@ def main() -> int:
     a = p.parse_args()
     os.chdir(REPO)
     (REPO / a.runs).mkdir(parents=True, exist_ok=True)
-    names = a.only.split(",") if a.only else [m for m in METHODS if m not in LONGER]
+    names = a.only.split(",") if a.only else [m for m in METHODS if m not in EXTRA]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
