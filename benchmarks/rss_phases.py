@@ -49,14 +49,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cxrgen-rss-") as tmp:
         live = start_live(Path(tmp), workers=2, **tr.limits_env())
         try:
-            ids, pairs = [], []
-            with live.client("client") as c:  # eight stored generations for the feedback routes, as the test
-                for i, prompt in enumerate(tr.PROMPTS):
-                    r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": i, **tr.GEN})
-                    r.raise_for_status()
-                    got = [im["id"] for im in r.json()["images"]]
-                    ids += got
-                    pairs.append(tuple(got))
+            tr.seed_generations(live)  # eight stored generations for the feedback routes, as the test
 
             def per_process() -> dict[int, float]:
                 out = {}
@@ -69,7 +62,7 @@ def main() -> int:
 
             for k in range(a.phases):
                 before = per_process()
-                outcomes = tr.drive(live, a.clients, a.seconds, ids, pairs, run=f"{a.label}-{k}")
+                outcomes = tr.drive(live, a.clients, a.seconds, live.ids, live.pairs, run=f"{a.label}-{k}")
                 time.sleep(1)
                 after = per_process()
                 grew = sum(after.values()) - sum(before.values())

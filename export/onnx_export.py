@@ -95,8 +95,9 @@ CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias
                      "enable_nhwc_conv", "enable_packed_qkv", "enable_packed_kv", "enable_bias_skip_layer_norm")
 
 
-def fuse_unet(src: Path, dst: Path) -> Path:
-    """``src`` with its attention, LayerNorm and GELU subgraphs fused for onnxruntime (see the module docstring)."""
+def fuse_unet(src: Path, dst: Path) -> dict[str, int]:
+    """Write ``src`` with its attention, LayerNorm and GELU subgraphs fused for onnxruntime to ``dst`` (see the
+    module docstring); how many nodes of each fused (com.microsoft) type it holds."""
     import logging
 
     from onnxruntime.transformers.fusion_options import FusionOptions
@@ -114,20 +115,12 @@ def fuse_unet(src: Path, dst: Path) -> Path:
     finally:
         logging.getLogger("onnxruntime.transformers").setLevel(level)
     model.save_model_to_file(str(dst))
-    import onnx
-
-    onnx.checker.check_model(str(dst))
-    return dst
-
-
-def fused_ops(path: Path) -> dict[str, int]:
-    """How many nodes of each fused type a graph holds (recorded in export.json)."""
     import collections
 
     import onnx
 
-    ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node
-                              if n.domain == "com.microsoft")
+    onnx.checker.check_model(str(dst))
+    ops = collections.Counter(n.op_type for n in model.model.graph.node if n.domain == "com.microsoft")
     return dict(sorted(ops.items()))
 
 
@@ -266,8 +259,8 @@ def export_onnx(cfg: ExportConfig, force: bool = False) -> Path:
     fused = {}
     if cfg.fuse:
         un, un_args, _, un_in = graphs["unet"]
-        path = fuse_unet(out / "unet.onnx", out / "unet.fused.onnx")
-        ops = fused_ops(path)
+        path = out / "unet.fused.onnx"
+        ops = fuse_unet(out / "unet.onnx", path)
         if not ops.get("Attention") and not ops.get("MultiHeadAttention"):
             raise ExportError(f"onnxruntime's optimizer fused no attention in {out / 'unet.onnx'} ({ops}): "
                               f"export with --no-fuse")

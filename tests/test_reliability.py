@@ -195,20 +195,26 @@ def summary(outcomes: list[Outcome], seconds: float) -> dict:
 # ---------------------------------------------------------------- one server for load, reload and auth
 
 
+def seed_generations(live) -> None:
+    """Eight stored generations (four prompts, two each) for the mix's feedback routes: ``live.ids`` and
+    ``live.pairs`` (the two images of each prompt)."""
+    ids, pairs = [], []
+    with live.client("client") as c:
+        for i, prompt in enumerate(PROMPTS):
+            r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": i, **GEN})
+            assert r.status_code == 200, r.text
+            got = [im["id"] for im in r.json()["images"]]
+            ids += got
+            pairs.append(tuple(got))
+    live.ids, live.pairs = ids, pairs
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A real server with two workers, API keys and eight stored generations (four prompts, two each)."""
     live = start_live(tmp_path_factory.mktemp("reliability"), workers=2, **limits_env())
     try:
-        ids, pairs = [], []
-        with live.client("client") as c:
-            for i, prompt in enumerate(PROMPTS):
-                r = c.post("/generate", json={"prompt": prompt, "n": 2, "seed": i, **GEN})
-                assert r.status_code == 200, r.text
-                got = [im["id"] for im in r.json()["images"]]
-                ids += got
-                pairs.append(tuple(got))
-        live.ids, live.pairs = ids, pairs
+        seed_generations(live)
         yield live
     finally:
         live.stop()
