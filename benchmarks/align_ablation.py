@@ -7,6 +7,11 @@ committed reward models, is probed on held-out validation prompts (--eval-data),
 evaluated by ``cxrgen evaluate`` on the test split of --eval-data plus the hand-written held-out prompts
 (training/align/prompts/heldout.jsonl), with the evaluation judge (--judge, never a reward) and the panel.
 
+Online rounds (ONLINE): a run that learns from fresh feedback first has its parent generate images of training
+prompts and the panel rate and compare them into the run's own store (`cxrgen generate`, `cxrgen expert rate
+--pairs`), then aligns on that store: what one round of `cxrgen loop --method dpo` does, without the reward
+retraining DPO does not use.
+
 Each step is resumable: a finished align run or evaluation is skipped, an interrupted one resumes.
 
 Usage: python benchmarks/align_ablation.py [--only ddpo,dpo] [--iterations 40] [--skip-eval]
@@ -65,8 +70,24 @@ METHODS = {
     # draft+real at beta 0.3 (+21.9 points for FID +20 % from the baseline) on top of it
     "dpo-900+draft+real": ["--model", "{runs}/dpo-900/checkpoint", "--method", "draft", "--draft-k", "1",
                            "--lr", "1e-3", "--real-data", "{prompts_data}", "--draft-beta", "0.3"],
+    # Online DPO, round 2: the store's comparisons are of tiny-cpu-v2.2's images, and dpo's panel probe plateaued
+    # after 300 steps. Fresh comparisons of dpo-300's own images (ONLINE: generated, then rated and compared by
+    # the panel into the run's own store, as one `cxrgen loop` round with --method dpo does), then DPO on them
+    # from dpo-300, against dpo-300 as the frozen reference
+    "dpo-300+online": ["--model", "{runs}/dpo-300/checkpoint", "--method", "dpo", "--feedback",
+                       "sqlite:///{runs}/dpo-300+online-feedback/store.db", "--feedback-blobs",
+                       "{runs}/dpo-300+online-feedback/blobs", "--lr", "1e-3", "--iterations", "300",
+                       "--eval-every", "50"],
+    # ... and a third round: fresh comparisons of dpo-300+online's images, DPO against it
+    "dpo-300+online2": ["--model", "{runs}/dpo-300+online/checkpoint", "--method", "dpo", "--feedback",
+                        "sqlite:///{runs}/dpo-300+online2-feedback/store.db", "--feedback-blobs",
+                        "{runs}/dpo-300+online2-feedback/blobs", "--lr", "1e-3", "--iterations", "300",
+                        "--eval-every", "50"],
 }
-AFTER = {"dpo-300+draft+real-b1": "dpo-300", "dpo-900+draft+real": "dpo-900"}  # starts from another's checkpoint
+AFTER = {"dpo-300+draft+real-b1": "dpo-300", "dpo-900+draft+real": "dpo-900",
+         "dpo-300+online": "dpo-300", "dpo-300+online2": "dpo-300+online"}  # starts from another's checkpoint
+# Runs that learn from fresh feedback on their parent's images: (training prompts, images per prompt, seed)
+ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000)}
 EXTRA = ("dpo-300", "dpo-900", *AFTER)  # longer or chained runs: not in the default set
 # The issue's gates on the best method against the baseline: FID at most 10 % above, MS-SSIM within 0.05.
 FID_TOLERANCE, MS_SSIM_TOLERANCE = 0.10, 0.05
@@ -92,6 +113,8 @@ def align(name: str, a) -> Path:
         return ckpt
     if name in AFTER:
         align(AFTER[name], a)
+    if name in ONLINE:
+        online_feedback(name, REPO / a.runs / AFTER[name] / "checkpoint", a)
     own = [x.format(prompts_data=a.prompts_data, runs=a.runs) for x in METHODS[name]]
     run([sys.executable, "-m", "training.cli", "align", "--out", str(out.relative_to(REPO)),
          "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
@@ -99,6 +122,24 @@ def align(name: str, a) -> Path:
          "--save-every", "5", "--seed", "0", *(["--judge", a.judge] if a.probe_judge else []), *own],
         REPO / a.runs / f"{name}.log")
     return ckpt
+
+
+def online_feedback(name: str, parent: Path, a) -> None:
+    """The parent's images of ONLINE[name]'s training prompts, rated and compared by the panel into
+    RUNS/NAME-feedback (its own store: only this round's comparisons). Both steps are idempotent."""
+    n_prompts, n_images, seed = ONLINE[name]
+    fb = REPO / a.runs / f"{name}-feedback"
+    gen = fb / "generated"
+    log = REPO / a.runs / f"{name}.log"
+    if not (gen / "generation.jsonl").is_file():
+        run([sys.executable, "-m", "training.cli", "generate", "--model", str(parent.relative_to(REPO)),
+             "--prompts-from", a.prompts_data, "--split", "train", "--limit", str(n_prompts), "--n", str(n_images),
+             "--seed", str(seed), "--batch-size", "8", "--out", str(gen.relative_to(REPO))], log)
+    if not (fb / "rated.json").is_file():
+        run([sys.executable, "-m", "training.cli", "expert", "rate", "--generated", str(gen.relative_to(REPO)),
+             "--store", f"sqlite:///{(fb / 'store.db').relative_to(REPO)}", "--blobs", str((fb / "blobs").relative_to(REPO)),
+             "--pairs"], log)
+        (fb / "rated.json").write_text(json.dumps({"generated": str(gen.relative_to(REPO))}) + "\n")
 
 
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
