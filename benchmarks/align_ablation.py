@@ -204,6 +204,14 @@ def log_rows(name: str, a) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
+def feedback_images(name: str, a) -> int:
+    """Images an online run's parent generated for the panel to rate and compare (0 for other runs)."""
+    if name not in ONLINE:
+        return 0
+    path = REPO / a.runs / f"{name}-feedback" / "generated" / "generation.jsonl"
+    return sum(1 for x in path.read_text().splitlines() if x.strip()) if path.is_file() else 0
+
+
 def row(name: str, m: dict, a) -> dict:
     rows = log_rows(name, a)
     manifest = {}
@@ -220,7 +228,9 @@ def row(name: str, m: dict, a) -> dict:
             "fid_floor": m.get("fid_floor"), "fid_ratio_to_floor": m.get("fid_ratio_to_floor"),
             "ms_ssim_generated": m.get("ms_ssim_generated"), "posture_error_deg": m.get("posture_error_deg"),
             "pneumothorax_lucency": m.get("pneumothorax_lucency"),
-            "align_seconds": manifest.get("seconds", 0.0), "images_sampled": manifest.get("images_sampled", 0),
+            "align_seconds": manifest.get("seconds", 0.0),
+            "images_sampled": manifest.get("images_sampled", 0) + feedback_images(name, a),
+            "feedback_images": feedback_images(name, a),
             "rounds": manifest.get("rounds", 0), "selected_round": (manifest.get("heldout") or {}).get("selected_round"),
             "early_stop": (manifest.get("heldout") or {}).get("early_stop"),
             "heldout_probes": [r["heldout"] for r in rows if "heldout" in r],
@@ -262,7 +272,8 @@ def curves(names: list[str], a, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for i, name in enumerate(names):
         rows = log_rows(name, a)
-        store = name in METHODS and METHODS[name][1] in ("rwl", "dpo")
+        flags = METHODS.get(name, [])
+        store = "--method" in flags and flags[flags.index("--method") + 1] in ("rwl", "dpo")
         # On-policy: images sampled. rwl / dpo sample none: a round learns from 8 stored images (pairs).
         x = (lambda r: r["iteration"] * 8) if store else (lambda r: r["images_sampled"])  # noqa: E731
         train = [(x(r), r["reward"]) for r in rows if "reward" in r]
