@@ -41,6 +41,13 @@ STORE = ["--feedback", "sqlite:///runs/feedback/store.db", "--feedback-blobs", "
 # the adapters least per round (ddpo-pytorch's 3e-4 assumes hundreds of rounds of 256 images; this CPU
 # budget is tens of rounds of 8), so it gets 3e-3; draft's direct reward gradient and the store-driven
 # likelihood losses 1e-3. rwl / dpo sample no images: a round is one step on stored images, so 60 rounds.
+def online_dpo(name: str, parent: str) -> list[str]:
+    """Flags of a DPO run from PARENT's checkpoint on RUNS/NAME-feedback, the store ``online_feedback`` fills."""
+    return ["--model", f"{{runs}}/{parent}/checkpoint", "--method", "dpo",
+            "--feedback", f"sqlite:///{{runs}}/{name}-feedback/store.db", "--feedback-blobs", f"{{runs}}/{name}-feedback/blobs",
+            "--lr", "1e-3", "--iterations", "300", "--eval-every", "50"]
+
+
 METHODS = {
     "rwl": ["--method", "rwl", *STORE, "--real-data", "{prompts_data}", "--lr", "1e-3", "--iterations", "60"],
     "ddpo": ["--method", "ddpo", "--lr", "3e-3"],
@@ -74,18 +81,12 @@ METHODS = {
     # after 300 steps. Fresh comparisons of dpo-300's own images (ONLINE: generated, then rated and compared by
     # the panel into the run's own store, as one `cxrgen loop` round with --method dpo does), then DPO on them
     # from dpo-300, against dpo-300 as the frozen reference
-    "dpo-300+online": ["--model", "{runs}/dpo-300/checkpoint", "--method", "dpo", "--feedback",
-                       "sqlite:///{runs}/dpo-300+online-feedback/store.db", "--feedback-blobs",
-                       "{runs}/dpo-300+online-feedback/blobs", "--lr", "1e-3", "--iterations", "300",
-                       "--eval-every", "50"],
+    "dpo-300+online": online_dpo("dpo-300+online", "dpo-300"),
     # ... and a third round: fresh comparisons of dpo-300+online's images, DPO against it
-    "dpo-300+online2": ["--model", "{runs}/dpo-300+online/checkpoint", "--method", "dpo", "--feedback",
-                        "sqlite:///{runs}/dpo-300+online2-feedback/store.db", "--feedback-blobs",
-                        "{runs}/dpo-300+online2-feedback/blobs", "--lr", "1e-3", "--iterations", "300",
-                        "--eval-every", "50"],
+    "dpo-300+online2": online_dpo("dpo-300+online2", "dpo-300+online"),
 }
-AFTER = {"dpo-300+draft+real-b1": "dpo-300", "dpo-900+draft+real": "dpo-900",
-         "dpo-300+online": "dpo-300", "dpo-300+online2": "dpo-300+online"}  # starts from another's checkpoint
+# Runs that start from another's checkpoint (their --model {runs}/PARENT/checkpoint): name -> parent
+AFTER = {n: f[f.index("--model") + 1].split("/")[1] for n, f in METHODS.items() if "--model" in f}
 # Runs that learn from fresh feedback on their parent's images: (training prompts, images per prompt, seed)
 ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000)}
 EXTRA = ("dpo-300", "dpo-900", *AFTER)  # longer or chained runs: not in the default set
@@ -214,6 +215,7 @@ def feedback_images(name: str, a) -> int:
 
 def row(name: str, m: dict, a) -> dict:
     rows = log_rows(name, a)
+    n_feedback = feedback_images(name, a)
     manifest = {}
     ckpt = REPO / a.runs / name / "checkpoint" / "cxrgen_manifest.json"
     if ckpt.is_file():
@@ -229,8 +231,7 @@ def row(name: str, m: dict, a) -> dict:
             "ms_ssim_generated": m.get("ms_ssim_generated"), "posture_error_deg": m.get("posture_error_deg"),
             "pneumothorax_lucency": m.get("pneumothorax_lucency"),
             "align_seconds": manifest.get("seconds", 0.0),
-            "images_sampled": manifest.get("images_sampled", 0) + feedback_images(name, a),
-            "feedback_images": feedback_images(name, a),
+            "images_sampled": manifest.get("images_sampled", 0) + n_feedback, "feedback_images": n_feedback,
             "rounds": manifest.get("rounds", 0), "selected_round": (manifest.get("heldout") or {}).get("selected_round"),
             "early_stop": (manifest.get("heldout") or {}).get("early_stop"),
             "heldout_probes": [r["heldout"] for r in rows if "heldout" in r],
