@@ -1,7 +1,10 @@
 """Bulk augmentation by shards (issue 11, section 2): `cxrgen augment --local --shard I/N` and `--merge`.
 
 Every image is a function of (seed, global index), so the shards of a request, merged, must be the request made
-at once: the same files, byte for byte (JPEGs included, so the same pixels), the same tables and manifest.
+at once: the same files, the same reports, tables and planned findings, and the same images. "The same images" is
+to floating-point rounding: a shard runs the network at other batch sizes than the whole request, and a CPU's
+kernels (oneDNN picks them by shape) may round differently then; on one CI machine that moved a JPEG's bytes. So
+the images are compared as pixels (PSNR >= 40 dB; another seed's image is ~15 dB away) and scores to 1e-4.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from micro_model import micro_checkpoint
@@ -33,8 +37,34 @@ def local(ckpt: Path, out: Path, *extra: str, count: int = 5) -> int:
                "--steps", "2", "--batch-size", "4", "--out", str(out), *extra)
 
 
+def assert_close(x, y, where: str) -> None:
+    """Equal JSON values, floats (scores) to 1e-4 relative."""
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), where
+        for k in x:
+            assert_close(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list):
+        assert isinstance(y, list) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_close(u, v, f"{where}[{i}]")
+    elif isinstance(x, float):
+        assert y == pytest.approx(x, rel=1e-4, abs=1e-6), where
+    else:
+        assert x == y, where
+
+
+def psnr(a: Path, b: Path) -> float:
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p), dtype=np.float64) for p in (a, b))
+    assert x.shape == y.shape, (a, x.shape, y.shape)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
 def assert_same_dataset(a: Path, b: Path) -> None:
-    """Same files; byte-identical images, reports and ground truth; same table rows; same manifest."""
+    """Same files; the same images (PSNR >= 40 dB), byte-identical reports; same table rows; same manifest and
+    ground truth (scores to 1e-4)."""
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert any(f.suffix == ".jpg" for f in files)
@@ -42,7 +72,14 @@ def assert_same_dataset(a: Path, b: Path) -> None:
         if f.name == "manifest.json":
             ma, mb = json.loads((a / f).read_text()), json.loads((b / f).read_text())
             ma.pop("merged_from", None), mb.pop("merged_from", None)
-            assert ma == mb
+            assert_close(ma, mb, str(f))
+        elif f.suffix == ".jpg":
+            assert psnr(a / f, b / f) >= 40.0, f
+        elif f.suffix == ".jsonl":
+            ra, rb = ((p / f).read_text().splitlines() for p in (a, b))
+            assert len(ra) == len(rb), f
+            for i, (u, v) in enumerate(zip(ra, rb)):
+                assert_close(json.loads(u), json.loads(v), f"{f}:{i + 1}")
         elif f.suffix == ".gz":  # gzip stamps its header with the time: compare the CSV inside
             assert gzip.decompress((a / f).read_bytes()) == gzip.decompress((b / f).read_bytes()), f
         else:
@@ -77,7 +114,10 @@ def test_rejection_sampling_shards_merge_to_the_same_images(ckpt, tmp_path):
     sample, version = local_sampler(free, ckpt, batch_size=4)
     first = run(free, tmp_path / "free", sample, chunk=4, model_version=version, max_count=LOCAL_MAX_COUNT)
     scores = sorted(im["scores"]["plausibility"] for im in first["images"])
-    spec = AugmentSpec(**{**free.__dict__, "min_plausibility": scores[len(scores) // 2]})  # about half fail once
+    # About half fail once. The cut is midway between two scores, not on one: a shard's score of the same image
+    # may differ in the last digits (another batch size), and must not fall on the other side of it.
+    cut = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    spec = AugmentSpec(**{**free.__dict__, "min_plausibility": cut})
 
     def go(out, shard):
         return run(spec, out, sample, chunk=4, model_version=version, shard=shard, max_count=LOCAL_MAX_COUNT)

@@ -6,7 +6,8 @@ alone, like the simulator's cases: its prompt and findings come from a generator
 (seed, g), and its attempt j is sampled from the seed ``seed + j * count + g`` (attempt 0: seed + g).
 So the same request gives the same images however it is cut: a shard ``i/n`` makes exactly the
 images of its index range, and the shards of a request merged (``merge``) equal the request made at
-once (tested). With a minimum plausibility score, an image whose attempt scores below it is redrawn
+once (tested; the images to floating-point rounding: a shard runs the network at other batch sizes, and
+a kernel chosen by shape may round differently). With a minimum plausibility score, an image whose attempt scores below it is redrawn
 (its next attempt, up to ``MAX_ATTEMPTS_FACTOR`` attempts), so the label mix stays the planned one;
 an image that never passes is listed as ``rejected`` and the acceptance rate is reported.
 
