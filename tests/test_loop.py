@@ -110,7 +110,11 @@ def test_rerun_does_no_work_and_more_rounds_run_only_the_new_ones(world, first_r
     begin, r1 = _json(r2 / "round.json"), _json(out / "round-1" / "steps" / "feedback.json")
     assert begin["model"] == str(out / "round-1" / "align" / "checkpoint")  # from the promoted model
     assert begin["cursor_start"] == r1["cursor_end"] < _json(r2 / "steps" / "feedback.json")["cursor_end"]
-    assert Manifest.read(r2 / "align" / "checkpoint").parent_version == "micro+ddpo-loop1"
+    m2 = Manifest.read(r2 / "align" / "checkpoint")
+    assert m2.parent_version == "micro+ddpo-loop1"
+    # Its parents back to the model the loop started from, nearest first.
+    assert [a["version"] for a in m2.lineage] == ["micro+ddpo-loop1", "micro"]
+    assert m2.lineage[0]["stage"] == "align:ddpo"
     assert summary["promoted"] == [1, 2] and _json(out / "current.json")["round"] == 2
     assert Manifest.read(world["root"] / "promoted").version == "micro+ddpo-loop2"
     # A round cut short after alignment resumes at its evaluation: no step before it runs again.
@@ -259,3 +263,39 @@ def test_loop_cli_errors_are_one_line(world, tmp_path, capsys):
         main(ok + ["--method", "magic"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written before the checks
+
+
+def test_promote_copies_renames_and_names_the_parents(world, tmp_path, capsys):
+    """``cxrgen promote``: a checkpoint written before manifests kept a lineage gets it from the parents its config
+    names; --version renames it and records the old name; what was at --to is replaced only by a complete copy."""
+    import shutil
+
+    from training.cli import main
+    from training.model.checkpoint import Manifest
+
+    parent, child = world["model"], tmp_path / "child"
+    shutil.copytree(parent, child)
+    Manifest(version="micro+dpo", stage="align:dpo", parent_version="micro",
+             config={"align": {"model": str(parent)}}).write(child)
+    dest = tmp_path / "default"
+    shutil.copytree(parent, dest)  # the model being replaced
+    assert main(["promote", str(child), "--to", str(dest), "--version", "micro-v2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == "micro-v2" and out["lineage"] == ["micro"]
+    m = Manifest.read(dest)
+    assert m.version == "micro-v2" and m.parent_version == "micro" and m.stage == "align:dpo"
+    assert m.config["promoted"] == {"from_version": "micro+dpo"} and m.config["align"]["model"] == str(parent)
+    assert [a["version"] for a in m.lineage] == ["micro"] and m.lineage[0]["stage"] == "init"
+    assert m.ancestry()[0]["version"] == "micro-v2"
+    w = "unet/diffusion_pytorch_model.safetensors"
+    assert (dest / w).read_bytes() == (child / w).read_bytes()
+    assert not any(p.name.startswith(".default") for p in tmp_path.iterdir())  # no temporary left behind
+    # Promoting it again is a no-op; a folder that is not a checkpoint is refused before anything is written.
+    before = (dest / "cxrgen_manifest.json").stat().st_mtime_ns
+    assert main(["promote", str(child), "--to", str(dest), "--version", "micro-v2"]) == 0
+    assert (dest / "cxrgen_manifest.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert main(["promote", str(tmp_path / "empty"), "--to", str(dest)]) == 2
+    assert "is not a cxrgen checkpoint" in capsys.readouterr().err
+    assert Manifest.read(dest).version == "micro-v2"

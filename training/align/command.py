@@ -107,3 +107,27 @@ def run_loop(args: argparse.Namespace) -> int:
 
     loop(LoopConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoopConfig)}))
     return 0
+
+
+def register_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("promote", help="make an aligned (or trained) checkpoint the model at --to (models/default)",
+                       description="Copy CHECKPOINT to --to (default: the embedded default, models/default), "
+                                   "replacing what is there only once the copy is complete. The copy's manifest "
+                                   "lists its parents back to the first model on record (its lineage); --version "
+                                   "renames it and records the version it was promoted from. `cxrgen loop "
+                                   "--promote-to` promotes the same way when a round passes its gate.")
+    p.add_argument("checkpoint", help="the checkpoint folder to promote (e.g. runs/align/checkpoint)")
+    p.add_argument("--to", default=None, help="destination folder (default: models/default)")
+    p.add_argument("--version", default=None, help="the version name it is served under (default: its own)")
+    p.set_defaults(func=run_promote)
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training.generation import DEFAULT_MODEL
+
+    from .loop import promote
+
+    print(json.dumps(promote(Path(args.checkpoint), Path(args.to) if args.to else DEFAULT_MODEL, args.version)))
+    return 0

@@ -384,18 +384,73 @@ def evaluate_step(cfg: LoopConfig, rnd: Round, model: str, candidate: str) -> di
 # ----------------------------------------------------------------------------- 6. gate, report, promotion
 
 
-def promote_copy(src: Path, dest: Path) -> None:
-    """Copy a checkpoint to ``dest``: into a temporary sibling, then renamed (the old one moved aside first)."""
+def lineage_of(folder: Path) -> list[dict]:
+    """The checkpoint at ``folder`` and its ancestors, nearest first (``Manifest.ancestry``). A checkpoint written
+    before manifests kept a lineage has it rebuilt from the parent checkpoints its config names (``align.model`` /
+    ``finetune.model``; an align run without one started from the default model), as far as they are still on
+    disk and are the parent its manifest names; beyond that, the last parent version on record."""
+    from training.generation import DEFAULT_MODEL
+    from training.model.checkpoint import Manifest
+
+    chain, seen = [], set()
+    m = Manifest.read(folder)
+    while m is not None:
+        if m.lineage:
+            return chain + m.ancestry()
+        chain.append(m.ancestry()[0])
+        seen.add(Path(folder).resolve())
+        if not m.parent_version:
+            return chain
+        cfg = m.config if isinstance(m.config, dict) else {}
+        stage = cfg.get("align") if "align" in cfg else cfg.get("finetune")
+        nxt = (stage or {}).get("model") or (DEFAULT_MODEL if "align" in cfg else None)
+        parent = Manifest.read(Path(nxt)) if nxt and Path(nxt).is_dir() else None
+        if parent is None or parent.version != m.parent_version or Path(nxt).resolve() in seen:
+            return chain + [{"version": m.parent_version}]
+        folder, m = Path(nxt), parent
+    return chain
+
+
+def promote(src: Path, dest: Path, version: str | None = None) -> dict:
+    """``cxrgen promote``: make the checkpoint at ``src`` the model at ``dest`` (e.g. models/default), its manifest
+    naming its parents back to the first model on record; ``version`` renames it (the manifest records the
+    version it was promoted from). Checked before anything is written; the swap is ``promote_copy``'s."""
+    from training.model.checkpoint import Manifest, validate_folder
+
+    src, dest = Path(src), Path(dest)
+    problems = validate_folder(src)
+    m = Manifest.read(src) if not problems else None
+    if problems or m is None:
+        raise ValueError(f"{src} is not a cxrgen checkpoint: " + "; ".join(problems or ["no cxrgen_manifest.json"]))
+    if dest.resolve() == src.resolve():
+        raise ValueError(f"--to {dest} is the checkpoint itself")
+    ancestry = lineage_of(src)
+    new = Manifest(**{**m.__dict__, "lineage": ancestry[1:]})
+    if version and version != m.version:
+        new.version = version
+        new.config = {**(m.config if isinstance(m.config, dict) else {"config": m.config}),
+                      "promoted": {"from_version": m.version}}
+    promote_copy(src, dest, new)
+    return {"promoted": str(dest), "version": new.version, "from": str(src),
+            "lineage": [a["version"] for a in ancestry[1:]]}
+
+
+def promote_copy(src: Path, dest: Path, manifest=None) -> None:
+    """Copy a checkpoint to ``dest``: into a temporary sibling, then renamed (the old one moved aside first).
+    ``manifest`` (a ``Manifest``) replaces the copy's before the rename."""
     from training.model.checkpoint import Manifest
 
     old = Manifest.read(dest) if dest.is_dir() else None
-    if old is not None and old.version == Manifest.read(src).version:
+    want = manifest if manifest is not None else Manifest.read(src)
+    if old is not None and old.version == want.version and old.config == want.config:
         return  # a resumed round that had copied it already
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp, aside = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
     for p in (tmp, aside):
         shutil.rmtree(p, ignore_errors=True)
     shutil.copytree(src, tmp, symlinks=False)
+    if manifest is not None:
+        manifest.write(tmp)
     if dest.exists():
         os.replace(dest, aside)
     os.replace(tmp, dest)

@@ -325,8 +325,10 @@ def offline_data(cfg: AlignConfig, pipe, out: Path):
 def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float,
            extra: dict | None = None, evaluation: dict | None = None) -> Path:
     """Fuse the adapters into plain weights, save ACE tokens, write the checkpoint and its manifest."""
+    from training.generation import DEFAULT_MODEL
     from training.model.checkpoint import Manifest, save_checkpoint
 
+    before = Manifest.read(Path(cfg.model or DEFAULT_MODEL))
     rows = [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip())
             if "reward" in r]
     pipe.unet.fuse_lora()
@@ -340,7 +342,8 @@ def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, image
                                 "reward_weights": cfg.weights if versions else {}, **(extra or {})},
                         metrics={"reward_first_round": rows[0]["reward"], "reward_last_round": rows[-1]["reward"],
                                  "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows),
-                                 "heldout": evaluation or {}})
+                                 "heldout": evaluation or {}},
+                        lineage=before.ancestry() if before else [{"version": parent}])
     folder = save_checkpoint(pipe, out / "checkpoint", manifest)
     if ace is not None:
         ace.save(folder)

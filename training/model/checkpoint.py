@@ -44,6 +44,15 @@ class Manifest:
     metrics: dict = dataclasses.field(default_factory=dict)  # evaluation metrics, when known
     created: str = dataclasses.field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     format_version: int = 1
+    # The ancestors, nearest first, back to the first model on record: [{version, stage, created}, ...]
+    # (a child's is its parent's ``ancestry()``; manifests written before it existed have none).
+    lineage: list = dataclasses.field(default_factory=list)
+
+    def ancestry(self) -> list[dict]:
+        """This checkpoint and its ancestors, nearest first, as far back as recorded: a child's ``lineage``."""
+        own = {"version": self.version, "stage": self.stage, "created": self.created}
+        older = self.lineage or ([{"version": self.parent_version}] if self.parent_version else [])
+        return [own, *older]
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":

@@ -330,16 +330,17 @@ def finish(pipe, mods: dict, ema, cfg: FinetuneConfig, fixed: torch.Tensor, out:
         pipe.unet.unload_lora()
     if "vae" in cfg.train and not cfg.vae_decoder_only:  # a fixed encoder keeps the U-Net's latent scale
         metrics["latent_scaling_factor"] = calibrate_latent_scale(pipe.vae, fixed)
-    parent = None
+    parent, lineage = None, []
     if cfg.model:
         m = Manifest.read(Path(cfg.model))
         parent = m.version if m else str(cfg.model)
+        lineage = m.ancestry() if m else [{"version": parent}]
     stage = "+".join("vae_decoder" if c == "vae" and cfg.vae_decoder_only else c for c in cfg.train)
     manifest = Manifest(version=cfg.version or out.name, stage="finetune:" + stage,
                         parent_version=parent, data_fingerprint=data_fingerprint(cfg.data),
                         config={"finetune": json.loads(cfg.to_json()),
                                 "model": dict(config_of(pipe.unet)) if cfg.model else cfg.model_config},
-                        metrics=metrics)
+                        metrics=metrics, lineage=lineage)
     pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval()
     return save_checkpoint(pipe, out / "checkpoint", manifest)
 
