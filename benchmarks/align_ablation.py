@@ -1,4 +1,4 @@
-"""The alignment ablation (issue 8, section 3): each method from the same default model, then one evaluation.
+"""The alignment ablation (issue 8, section 3): each method from the same starting model (tiny-cpu-v2.2), then one evaluation.
 
 Methods, as CXRL's table plus two beyond the seed papers: rwl (Sun et al.), ddpo, ddpo + rlcf, ddpo + rlcf
 + ace (CXRL), draft (DRaFT-K) and dpo (Diffusion-DPO on the store's expert comparisons); the baseline is
@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulate import machine  # noqa: E402
 
 HELDOUT = "training/align/prompts/heldout.jsonl"
+# The ablation's starting model, tiny-cpu-v2.2: models/default until the winner (dpo-300+online2) was promoted
+# to tiny-cpu-v2.3. Taken from the commit before that promotion when the folder is not there.
+BASELINE, BASELINE_COMMIT = "runs/tiny-cpu-v2.2", "5033b33"
 STORE = ["--feedback", "sqlite:///runs/feedback/store.db", "--feedback-blobs", "runs/feedback/blobs"]
 # Per method: its flags, then settings that override the common ones. Learning rates: ddpo's PPO step moves
 # the adapters least per round (ddpo-pytorch's 3e-4 assumes hundreds of rounds of 256 images; this CPU
@@ -117,6 +120,8 @@ def align(name: str, a) -> Path:
     if name in ONLINE:
         online_feedback(name, REPO / a.runs / AFTER[name] / "checkpoint", a)
     own = [x.format(prompts_data=a.prompts_data, runs=a.runs) for x in METHODS[name]]
+    if "--model" not in own:  # from the baseline, not whatever models/default is now
+        own += ["--model", a.baseline]
     run([sys.executable, "-m", "training.cli", "align", "--out", str(out.relative_to(REPO)),
          "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
          "--eval-every", str(a.eval_every), "--eval-data", a.eval_data, "--eval-limit", "32",
@@ -141,6 +146,17 @@ def online_feedback(name: str, parent: Path, a) -> None:
              "--store", f"sqlite:///{(fb / 'store.db').relative_to(REPO)}", "--blobs", str((fb / "blobs").relative_to(REPO)),
              "--pairs"], log)
         (fb / "rated.json").write_text(json.dumps({"generated": str(gen.relative_to(REPO))}) + "\n")
+
+
+def baseline_folder(path: str) -> Path:
+    """The baseline checkpoint; tiny-cpu-v2.2 is extracted from git history (BASELINE_COMMIT) if missing."""
+    folder = REPO / path
+    if not (folder / "cxrgen_manifest.json").is_file() and path == BASELINE:
+        folder.mkdir(parents=True, exist_ok=True)
+        tar = subprocess.run(["git", "archive", BASELINE_COMMIT, "models/default"], cwd=REPO, check=True,
+                             capture_output=True).stdout
+        subprocess.run(["tar", "-x", "--strip-components=2", "-C", str(folder)], input=tar, check=True)
+    return folder
 
 
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
@@ -370,7 +386,7 @@ def main() -> int:
     p.add_argument("--probe-judge", action="store_true", help="also give the judge to the align runs' probes")
     p.add_argument("--n-prompts", type=int, default=600)
     p.add_argument("--runs", default="runs/abl")
-    p.add_argument("--baseline", default="models/default")
+    p.add_argument("--baseline", default=BASELINE, help="the starting model (default: tiny-cpu-v2.2, from git)")
     p.add_argument("--skip-eval", action="store_true", help="align only")
     p.add_argument("--panel-only", action="store_true",
                    help="no judge: the panel and the reward on --panel-prompts test prompts + the held-out file")
@@ -378,6 +394,7 @@ def main() -> int:
     a = p.parse_args()
     os.chdir(REPO)
     (REPO / a.runs).mkdir(parents=True, exist_ok=True)
+    baseline_folder(a.baseline)
     names = a.only.split(",") if a.only else [m for m in METHODS if m not in EXTRA]
     unknown = [n for n in names if n not in METHODS]
     if unknown:

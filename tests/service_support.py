@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+# The embedded default model's version, as its manifest names it (changes when a model is promoted).
+DEFAULT_VERSION = json.loads((REPO / "models" / "default" / "cxrgen_manifest.json").read_text())["version"]
 KEYS = {role: f"{role}-test-key-0123456789" for role in ("client", "rater", "trainer", "admin")}
 KEYS_ENV = ";".join(f"{k}:{role}" for role, k in KEYS.items())
 

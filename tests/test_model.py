@@ -131,3 +131,16 @@ def test_data_fingerprint_ignores_gzip_write_time(tmp_path):
     (tmp_path / "a" / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(b"not gzip")
     with pytest.raises(ValueError, match="split.csv.gz is not a readable gzip"):
         data_fingerprint(tmp_path / "a")
+
+
+def test_the_embedded_default_names_its_parents_back_to_the_aligned_baseline():
+    """Issue 8: the promoted default's manifest lists its parents, nearest first, back to tiny-cpu-v2.2 (the
+    model alignment started from), each with its stage; it is the aligned model, not a finetune."""
+    from training.generation import DEFAULT_MODEL
+    from training.model.checkpoint import Manifest
+
+    m = Manifest.read(DEFAULT_MODEL)
+    versions = [a["version"] for a in m.lineage]
+    assert m.stage.startswith("align:") and versions[0] == m.parent_version
+    assert "tiny-cpu-v2.2" in versions and m.version not in versions
+    assert all(a.get("stage") for a in m.lineage[:versions.index("tiny-cpu-v2.2") + 1])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service_support import REPO, service_env
+from service_support import DEFAULT_VERSION, REPO, service_env
 
 BIN = Path(sys.executable).parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -197,7 +197,7 @@ def test_bentoml_serve_the_bento(bento, tmp_path):
             wait_ready(c.get)
             r = c.post("/generate", json={"prompt": "Cardiomegaly.", "steps": 2}, headers=auth("client"))
             assert r.status_code == 200, r.text
-            assert r.json()["model_version"] == "tiny-cpu-v2.2"
+            assert r.json()["model_version"] == DEFAULT_VERSION
     finally:
         proc.terminate()
         proc.wait(30)

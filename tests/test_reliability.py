@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service_support import KEYS, auth, record_measurement as record, start_live
+from service_support import DEFAULT_VERSION, KEYS, auth, record_measurement as record, start_live
 
 MiB = 2**20
 
@@ -315,7 +315,7 @@ def test_reload_under_load_fails_no_request(served, scale, tmp_path):
     damaged = "unet/diffusion_pytorch_model.safetensors is damaged"
     assert refused and all(code == 422 and "still serving" in body["error"] and damaged in body["error"]
                            for code, body in refused), refused
-    assert all(m["path"] == str(DEFAULT_MODEL) and m["version"] == "tiny-cpu-v2.2" for m in serving), serving
+    assert all(m["path"] == str(DEFAULT_MODEL) and m["version"] == DEFAULT_VERSION for m in serving), serving
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -328,7 +328,7 @@ def test_a_corrupt_checkpoint_at_reload_is_422_and_the_old_model_serves(served, 
         before = admin.get("/models").json()["serving"]
         r = admin.post("/models/reload", json={"source": str(bad)})
         assert r.status_code == 422 and r.json()["field"] == "source", r.text
-        assert CORRUPTIONS[how] in r.json()["error"] and "still serving tiny-cpu-v2.2" in r.json()["error"]
+        assert CORRUPTIONS[how] in r.json()["error"] and f"still serving {DEFAULT_VERSION}" in r.json()["error"]
         assert admin.get("/models").json()["serving"] == before
         g = admin.post("/generate", json={"prompt": "Cardiomegaly.", **GEN})
         assert g.status_code == 200 and g.json()["model_version"] == before["version"]

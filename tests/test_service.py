@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_support import REPO, auth, png_pixels
+from service_support import DEFAULT_VERSION, REPO, auth, png_pixels
 
 
 def gen(client, role="client", **body):
@@ -248,7 +248,7 @@ def test_models_and_reload(service_app, tmp_path):
     from training.generation import DEFAULT_MODEL
 
     m = service_app.get("/models", headers=auth("client")).json()
-    assert m["serving"]["version"] == "tiny-cpu-v2.2" and "plausibility" in m["rewards"]
+    assert m["serving"]["version"] == DEFAULT_VERSION and "plausibility" in m["rewards"]
     bad = service_app.post("/models/reload", json={"source": str(tmp_path / "nothing")}, headers=auth("admin"))
     assert bad.status_code == 422 and bad.json()["field"] == "source" and "still serving" in bad.json()["error"]
     broken = tmp_path / "broken"
@@ -486,7 +486,7 @@ def test_import_registers_a_checkpoint_the_service_then_serves(tmp_path, monkeyp
              "print(s, (f / 'unet').is_dir(), load_model(s, 'cpu').version)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [f"bento:{tag}", "True", "tiny-cpu-v2.2"]
+    assert out.stdout.split() == [f"bento:{tag}", "True", DEFAULT_VERSION]
     bad = subprocess.run([str(Path(sys.executable).parent / "cxrgen"), "import", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a checkpoint" in bad.stderr

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from service_support import free_port
+from service_support import DEFAULT_VERSION, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -109,7 +109,7 @@ def test_prometheus_scrapes_cxrgen_series_with_sane_values(live_service, prometh
     mean = _value(url, 'sum(cxrgen_reward_score_sum{reward="combined"}) / sum(cxrgen_reward_score_count{reward="combined"})')
     assert 0 <= mean <= 1, mean
     model = _query(url, "cxrgen_model_info == 1")
-    assert [m["metric"]["version"] for m in model] == ["tiny-cpu-v2.2"], model
+    assert [m["metric"]["version"] for m in model] == [DEFAULT_VERSION], model
     assert _value(url, "sum(cxrgen_queue_depth)") >= 0
     assert _query(url, "cxrgen_feedback_received_total") and _query(url, "cxrgen_augment_jobs_total")
     assert _query(url, "cxrgen_rate_limited_total")
