@@ -59,7 +59,7 @@ def test_unet_stages_from_a_checkpoint(data, vae_run, tmp_path, stage, extra):
 
 def test_cached_latents_and_vae_crops(data, vae_run, tmp_path):
     folder = train(cfg(data, tmp_path / "u", model=str(vae_run / "checkpoint"), train=("unet", "text_encoder"),
-                       cache_latents=True), progress=False)
+                       cache_latents=True, oversample={"Pleural Effusion": 3}), progress=False)
     assert (folder / "model_index.json").is_file()
     train(cfg(data, tmp_path / "v", init="tiny", model_config=MICRO, train=("vae",), vae_crop=16), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
@@ -107,6 +107,9 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--model", "x"], "exactly one of --model PATH or --init tiny"),
     (["--model", "/nonexistent"], "cannot load /nonexistent"),
     (["--init", "tiny", "--lr-schedule", "linear"], "invalid choice: 'linear'"),
+    (["--init", "tiny", "--oversample", "Devices=4"], "--oversample: unknown label 'Devices'"),
+    (["--init", "tiny", "--oversample", "Support Devices"], "expected LABEL=K"),
+    (["--init", "tiny", "--oversample", "Support Devices=0"], "must be an integer >= 1"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),
@@ -150,3 +153,19 @@ def test_vae_decoder_only_keeps_the_latent_space(data, vae_run, tmp_path):
 def test_vae_decoder_only_needs_the_vae_stage():
     with pytest.raises(ValueError, match="--vae-decoder-only"):
         FinetuneConfig(data="d", out="o", init="tiny", train=("unet",), vae_decoder_only=True).validate()
+
+
+def test_oversampling_repeats_the_images_positive_for_a_label():
+    """Each image appears max(factor of its positive labels) times; negatives and uncertain ones once."""
+    import numpy as np
+
+    from training.findings import OBSERVATIONS
+    from training.train.loop import oversampled
+
+    labels = np.zeros((4, len(OBSERVATIONS)), np.float32)
+    dev, eff = OBSERVATIONS.index("Support Devices"), OBSERVATIONS.index("Pleural Effusion")
+    labels[1, dev] = 1.0
+    labels[2, [dev, eff]] = 1.0
+    labels[3, dev] = np.nan  # unknown: not positive
+    assert oversampled(labels, {"Support Devices": 3, "Pleural Effusion": 2}) == [0, 1, 1, 1, 2, 2, 2, 3]
+    assert oversampled(labels, {}) == [0, 1, 2, 3]

@@ -44,17 +44,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "so a U-Net trained on them stays valid)")
     p.add_argument("--vae-ssim-weight", type=float, dest="vae_ssim_weight",
                    help="weight of the (1 - SSIM) term of the VAE loss (default 0.2)")
+    p.add_argument("--oversample", metavar="LABEL=K,...",
+                   help="images positive for a CheXpert label appear K times per epoch, e.g. "
+                        "'Support Devices=4' (rare or small findings weigh more)")
     p.add_argument("--version", help="version name of the resulting checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def parse_oversample(text: str) -> dict[str, int]:
+    """``"Support Devices=4,Lung Lesion=2"`` -> {"Support Devices": 4, "Lung Lesion": 2}."""
+    out = {}
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        label, eq, k = part.rpartition("=")
+        try:
+            if not eq or not label.strip():
+                raise ValueError
+            out[label.strip()] = int(k)
+        except ValueError:
+            raise ValueError(f"--oversample {part!r}: expected LABEL=K, e.g. 'Support Devices=4'") from None
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for k, v in vars(args).items():
-        if k in fields and v is not None and k != "train":
+        if k in fields and v is not None and k not in ("train", "oversample"):
             setattr(cfg, k, v)
+    if args.oversample:
+        cfg.oversample = parse_oversample(args.oversample)
     if args.train:
         cfg.train = tuple(x.strip() for x in args.train.split(",") if x.strip())
     if args.no_ema:

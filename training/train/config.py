@@ -41,6 +41,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False  # trade compute for memory (large models)
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the U-Net's attention instead of all weights
     cache_latents: bool = False  # frozen VAE: encode every image once, train on cached latent distributions
+    # CheXpert label -> integer factor: an image positive for it appears that many times per epoch (the largest
+    # factor of its labels), so a rare or small finding weighs more, e.g. {"Support Devices": 4}
+    oversample: dict = dataclasses.field(default_factory=dict)
     # -- VAE stage --
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
@@ -87,6 +90,13 @@ class FinetuneConfig:
             raise ValueError("--vae-decoder-only finetunes the VAE's decoder: include vae in --train")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
+        from ..findings import OBSERVATIONS
+
+        for label, factor in self.oversample.items():
+            if label not in OBSERVATIONS:
+                raise ValueError(f"--oversample: unknown label {label!r}; known: {list(OBSERVATIONS)}")
+            if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+                raise ValueError(f"--oversample {label}: the factor must be an integer >= 1, got {factor!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

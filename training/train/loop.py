@@ -25,6 +25,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +116,16 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
         dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
         prompts += batch["prompt"]
     return LatentSet(torch.cat(dists), prompts)
+
+
+def oversampled(labels: np.ndarray, factors: dict[str, int]) -> list[int]:
+    """Dataset indices, each image repeated by the largest factor of the labels it is positive for (1 if none)."""
+    from ..findings import OBSERVATIONS
+
+    reps = np.ones(len(labels), dtype=np.int64)
+    for label, k in factors.items():
+        reps = np.where(labels[:, OBSERVATIONS.index(label)] == 1.0, np.maximum(reps, k), reps)
+    return np.repeat(np.arange(len(labels)), reps).tolist()
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
@@ -366,9 +377,12 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     ds = make_dataset(cfg, size)
     fixed = collate([ds[i] for i in range(min(4, len(ds)))])["image"]
     # 4. Trainable parameters, optimiser, EMA; accelerate wraps what trains.
+    labels = ds.labels
     if cfg.cache_latents:
         pipe.vae.to(accelerator.device)
         ds = cache_latents(pipe.vae, ds, cfg, progress)
+    if cfg.oversample:  # after caching: each image is encoded once however often it is seen
+        ds = torch.utils.data.Subset(ds, oversampled(labels, cfg.oversample))
     mods = trainable(pipe, cfg)
     opt, lr_sched = make_optimizer(mods, cfg)
     names = list(mods)
