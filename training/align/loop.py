@@ -401,7 +401,7 @@ def lineage_of(folder: Path) -> list[dict]:
         seen.add(Path(folder).resolve())
         if not m.parent_version:
             return chain
-        cfg = m.config if isinstance(m.config, dict) else {}
+        cfg = m.config
         stage = cfg.get("align") if "align" in cfg else cfg.get("finetune")
         nxt = (stage or {}).get("model") or (DEFAULT_MODEL if "align" in cfg else None)
         parent = Manifest.read(Path(nxt)) if nxt and Path(nxt).is_dir() else None
@@ -428,8 +428,7 @@ def promote(src: Path, dest: Path, version: str | None = None) -> dict:
     new = Manifest(**{**m.__dict__, "lineage": ancestry[1:]})
     if version and version != m.version:
         new.version = version
-        new.config = {**(m.config if isinstance(m.config, dict) else {"config": m.config}),
-                      "promoted": {"from_version": m.version}}
+        new.config = {**m.config, "promoted": {"from_version": m.version}}
     promote_copy(src, dest, new)
     return {"promoted": str(dest), "version": new.version, "from": str(src),
             "lineage": [a["version"] for a in ancestry[1:]]}

@@ -49,12 +49,12 @@ def reward_function(cfg: AlignConfig):
 
 
 def setup(cfg: AlignConfig, device: str):
-    """(pipe, trainable params, anchor or None, parent version)."""
+    """(pipe, trainable params, anchor or None, the child's lineage: the parent first)."""
     from diffusers import DDIMScheduler
     from peft import LoraConfig
 
     from training.generation import DEFAULT_MODEL
-    from training.model.checkpoint import load_pipeline
+    from training.model.checkpoint import lineage_from, load_pipeline
 
     from .ace import ConditionTokens, attach
 
@@ -69,8 +69,7 @@ def setup(cfg: AlignConfig, device: str):
                                      target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     if cfg.ace:
         attach(pipe, ConditionTokens(cfg.ace_tokens, pipe.text_encoder.config.hidden_size))
-    parent = manifest.version if manifest else str(cfg.model)
-    return pipe, trainable(pipe), anchor, parent
+    return pipe, trainable(pipe), anchor, lineage_from(manifest, cfg.model)
 
 
 def process_device(cfg: AlignConfig) -> str:
@@ -226,7 +225,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     prompts = read_prompts(cfg) if on_policy else []
     # The reward models: what on-policy methods optimise, and the held-out reward every method is watched by.
     reward_fn, versions = reward_function(cfg) if on_policy or cfg.probes else (None, {})
-    pipe, params, anchor, parent = setup(cfg, process_device(cfg))
+    pipe, params, anchor, lineage = setup(cfg, process_device(cfg))
     opt = Optimiser(params, cfg.lr, cfg.max_grad_norm, cfg.mixed_precision, cpu=cfg.device == "cpu")
     if opt.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +294,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
         evaluation["selected"] = next(p for p in watch.probes if p["iteration"] == selected)
     if not opt.is_main:
         return out / "checkpoint"
-    return finish(pipe, cfg, out, parent, versions, images, seconds, extra, evaluation)
+    return finish(pipe, cfg, out, lineage, versions, images, seconds, extra, evaluation)
 
 
 def draft_real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
@@ -322,13 +321,12 @@ def offline_data(cfg: AlignConfig, pipe, out: Path):
     return fb, real, DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, images: int, seconds: float,
+def finish(pipe, cfg: AlignConfig, out: Path, lineage: list[dict], versions: dict, images: int, seconds: float,
            extra: dict | None = None, evaluation: dict | None = None) -> Path:
     """Fuse the adapters into plain weights, save ACE tokens, write the checkpoint and its manifest."""
-    from training.generation import DEFAULT_MODEL
     from training.model.checkpoint import Manifest, save_checkpoint
 
-    before = Manifest.read(Path(cfg.model or DEFAULT_MODEL))
+    parent = lineage[0]["version"]
     rows = [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip())
             if "reward" in r]
     pipe.unet.fuse_lora()
@@ -343,7 +341,7 @@ def finish(pipe, cfg: AlignConfig, out: Path, parent: str, versions: dict, image
                         metrics={"reward_first_round": rows[0]["reward"], "reward_last_round": rows[-1]["reward"],
                                  "images_sampled": images, "seconds": round(seconds, 1), "rounds": len(rows),
                                  "heldout": evaluation or {}},
-                        lineage=before.ancestry() if before else [{"version": parent}])
+                        lineage=lineage)
     folder = save_checkpoint(pipe, out / "checkpoint", manifest)
     if ace is not None:
         ace.save(folder)

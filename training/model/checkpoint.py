@@ -72,6 +72,12 @@ class Manifest:
         os.replace(tmp, path)
 
 
+def lineage_from(parent: "Manifest | None", folder) -> list[dict]:
+    """A child's ``lineage``: its parent's ``ancestry()``, or only the parent folder's name when that has no
+    cxrgen manifest (a Stable Diffusion / RoentGen folder)."""
+    return parent.ancestry() if parent else [{"version": str(folder)}]
+
+
 def data_fingerprint(root: str | Path) -> str:
     """sha256 over a MIMIC-layout data set's tables (labels, views, splits): what it was trained on.
 

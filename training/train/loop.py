@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.checkpoint import Manifest, data_fingerprint, load_pipeline, save_checkpoint
+from ..model.checkpoint import Manifest, data_fingerprint, lineage_from, load_pipeline, save_checkpoint
 from ..model.components import TinyModelConfig, build_pipeline, to_model_channels, train_tokenizer
 from .config import FinetuneConfig
 
@@ -341,11 +341,8 @@ def finish(pipe, mods: dict, ema, cfg: FinetuneConfig, fixed: torch.Tensor, out:
         pipe.unet.unload_lora()
     if "vae" in cfg.train and not cfg.vae_decoder_only:  # a fixed encoder keeps the U-Net's latent scale
         metrics["latent_scaling_factor"] = calibrate_latent_scale(pipe.vae, fixed)
-    parent, lineage = None, []
-    if cfg.model:
-        m = Manifest.read(Path(cfg.model))
-        parent = m.version if m else str(cfg.model)
-        lineage = m.ancestry() if m else [{"version": parent}]
+    lineage = lineage_from(Manifest.read(Path(cfg.model)), cfg.model) if cfg.model else []
+    parent = lineage[0]["version"] if lineage else None
     stage = "+".join("vae_decoder" if c == "vae" and cfg.vae_decoder_only else c for c in cfg.train)
     manifest = Manifest(version=cfg.version or out.name, stage="finetune:" + stage,
                         parent_version=parent, data_fingerprint=data_fingerprint(cfg.data),
