@@ -194,3 +194,69 @@ def test_an_interrupted_judge_training_resumes_to_the_same_weights(sim, trained,
         train_judge(dataset(sim, "train"), dataset(sim, None), other, tmp_path / "o")
     with pytest.raises(ValueError, match="another config"):
         train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path / "o")
+
+
+def test_oversampling_repeats_the_films_of_a_kind_not_of_its_label(sim):
+    """{"nodule": 3}: films with a nodule appear 3 times; films positive for Lung Lesion by another kind once."""
+    from training.evaluate.judge import oversample_indices
+
+    ds = dataset(sim, "train")
+    rows = [ds.ground_truth[d] for d in ds.frame["dicom_id"]]
+    kinds = [{f["kind"] for f in r["findings"]} for r in rows]
+    target = next(k for k in ("calcified_granuloma", "nodule", "mass", "cardiomegaly", "central_line")
+                  if any(k in ks for ks in kinds))
+    idx = oversample_indices(ds, {target: 3})
+    for i, ks in enumerate(kinds):
+        assert idx.count(i) == (3 if target in ks else 1), (i, ks)
+    opacity = OBSERVATIONS.index("Lung Opacity")
+    by_label = oversample_indices(ds, {"Lung Opacity": 2})
+    assert [by_label.count(i) for i in range(len(ds))] == [2 if ds.labels[i, opacity] == 1 else 1
+                                                       for i in range(len(ds))]
+    no_gt = MimicCXRDataset(root=sim, split="train", size=SIZE, prompt_sections=())
+    with pytest.raises(ValueError, match="return_ground_truth"):
+        oversample_indices(no_gt, {target: 3})
+
+
+def test_judge_config_names_a_bad_oversample_or_precision():
+    with pytest.raises(ValueError, match="unknown label or kind 'nodules'"):
+        JudgeConfig(oversample={"nodules": 2})
+    with pytest.raises(ValueError, match="integer >= 1"):
+        JudgeConfig(oversample={"nodule": 0})
+    with pytest.raises(ValueError, match="precision"):
+        JudgeConfig(precision="fp16")
+
+
+def test_a_bf16_training_step_learns_and_keeps_fp32_weights(sim):
+    """precision="bf16": the forward runs under bfloat16 autocast, the loss is finite and falls, weights stay fp32."""
+    torch.manual_seed(0)
+    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, lr=1e-3, jitter=0.0, device="cpu", precision="bf16")
+    ds = dataset(sim, "train")
+    batch = collate([ds[i] for i in range(8)])
+    judge = CXRJudge("resnet18", SIZE)
+    judge.set_pose_stats(*pose_stats(ds))
+    opt = make_optimizer(judge, cfg)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    hook = judge.trunk.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    losses = [train_step(judge, batch, opt, cfg, gen)["loss"] for _ in range(15)]
+    hook.remove()
+    assert seen[0] == torch.bfloat16  # the autocast is really on
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.5 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in judge.parameters())
+
+
+def test_cxrgen_judge_train_writes_a_judge_and_names_bad_flags(sim, tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "j"
+    assert main(["judge", "train", "--data", str(sim), "--out", str(out), "--read-size", "64", "--arch", "resnet18",
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--oversample", "Lung Opacity=2", "--precision", "bf16"]) == 0
+    meta = json.loads((out / "judge.json").read_text())
+    assert meta["config"]["oversample"] == {"Lung Opacity": 2} and meta["config"]["precision"] == "bf16"
+    assert load_judge(out).image_size == 64
+    assert '"val_mean_auroc"' in capsys.readouterr().out
+    assert main(["judge", "train", "--data", str(sim), "--out", str(out), "--oversample", "nodule"]) == 2
+    assert "expected NAME=K" in capsys.readouterr().err
+    assert main(["judge", "train", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "no such folder" in capsys.readouterr().err

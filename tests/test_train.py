@@ -160,7 +160,7 @@ def test_oversampling_repeats_the_images_positive_for_a_label():
     import numpy as np
 
     from training.findings import OBSERVATIONS
-    from training.train.loop import oversampled
+    from training.findings import oversampled
 
     labels = np.zeros((4, len(OBSERVATIONS)), np.float32)
     dev, eff = OBSERVATIONS.index("Support Devices"), OBSERVATIONS.index("Pleural Effusion")

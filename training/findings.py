@@ -186,3 +186,37 @@ def labels(findings: Iterable[Finding]) -> dict[str, float]:
     pathological = [o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices") and out[o]]
     out["No Finding"] = 0.0 if pathological else 1.0
     return out
+
+
+def check_oversample(factors: Mapping[str, int], flag: str = "--oversample", kinds: bool = False) -> None:
+    """``{name: K}`` of ``oversampled``: each name a CheXpert label (or, with ``kinds``, a simulator kind), each K
+    an integer >= 1; a ValueError naming the flag and the entry otherwise."""
+    for name, factor in factors.items():
+        if name not in OBSERVATIONS and not (kinds and name in KINDS):
+            known = list(OBSERVATIONS) + (sorted(KINDS) if kinds else [])
+            raise ValueError(f"{flag}: unknown {'label or kind' if kinds else 'label'} {name!r}; known: {known}")
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"{flag} {name}: the factor must be an integer >= 1, got {factor!r}")
+
+
+def oversampled(labels, factors: Mapping[str, int], kinds: list[Iterable[str]] | None = None) -> list[int]:
+    """Data set indices, each image repeated by the largest factor among what it shows (1 if none).
+
+    ``labels`` (N, 14) in OBSERVATIONS order: an image shows a label where it is 1 (not uncertain / NaN).
+    ``kinds`` (one iterable of simulator kind names per image, from the simulator's ground truth) lets a factor
+    name a kind instead: ``{"nodule": 4}`` repeats nodules without repeating the granulomas that make Lung
+    Lesion positive too.
+    """
+    import numpy as np
+
+    labels = np.asarray(labels)
+    reps = np.ones(len(labels), dtype=np.int64)
+    for name, k in factors.items():
+        if name in OBSERVATIONS:
+            hit = labels[:, OBSERVATIONS.index(name)] == 1.0
+        elif kinds is not None:
+            hit = np.array([name in set(ks) for ks in kinds], dtype=bool)
+        else:
+            raise ValueError(f"oversampling by the kind {name!r} needs the simulator's ground truth")
+        reps = np.where(hit, np.maximum(reps, k), reps)
+    return np.repeat(np.arange(len(labels)), reps).tolist()

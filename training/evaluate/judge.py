@@ -51,6 +51,7 @@ POSE_KEYS: tuple[str, ...] = ("roll_deg", "yaw_deg", "pitch_deg", "shift_x_mm", 
 ROTATION_KEYS: tuple[str, ...] = ("roll_deg", "yaw_deg", "pitch_deg")
 ARCHS: tuple[str, ...] = ("densenet121", "resnet18")
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 FORMAT_VERSION = 1  # of judge.json; bumped when the artifact layout changes
 META_FILE = "judge.json"
 LOG_FILE = "log.jsonl"
@@ -79,9 +80,20 @@ class JudgeConfig:
     posture_weight: float = 1.0  # weight of the posture MSE (standardised units) next to the findings BCE
     jitter: float = 0.1  # intensity augmentation: contrast x(1 +- jitter), brightness +- jitter / 2
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    # "bf16": the training forward under bfloat16 autocast (weights, optimiser and evaluation stay fp32): ~2.5x
+    # faster on CPUs with AVX512-BF16 and on GPUs; "fp32" everywhere else
+    precision: str = "fp32"
+    # {simulator kind or CheXpert label: K}: training images that show it appear K times per epoch, e.g.
+    # {"nodule": 4, "mass": 4} so the Lung Lesion head is not taught by granulomas alone (kinds need simulator data)
+    oversample: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_arch(self.arch)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        from training.findings import check_oversample
+
+        check_oversample(self.oversample, kinds=True)
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
         for name in ("image_size", "epochs", "batch_size"):
@@ -232,6 +244,30 @@ def augment(x: torch.Tensor, jitter: float, generator: torch.Generator) -> torch
     return (x * contrast.to(x.device) + brightness.to(x.device)).clamp(-1.0, 1.0)
 
 
+def oversample_indices(ds, factors: dict[str, int]) -> list[int]:
+    """``ds``'s indices, each repeated by the largest factor among the labels and simulator kinds it shows.
+
+    Reads ``ds.labels`` and the ground truth ``MimicCXRDataset`` keeps (``return_ground_truth=True``) without
+    decoding images; other data sets are asked sample by sample.
+    """
+    from training.findings import KINDS, oversampled
+
+    table, gt = getattr(ds, "labels", None), getattr(ds, "ground_truth", None)
+    if table is not None and (gt is not None or not any(k in KINDS for k in factors)):
+        rows = [gt[d] for d in ds.frame["dicom_id"]] if gt is not None else None
+    else:
+        samples = [ds[i] for i in range(len(ds))]
+        table = torch.stack([s["labels"] for s in samples]).numpy()
+        rows = [s.get("ground_truth") for s in samples]
+    kinds = None
+    if any(k in KINDS for k in factors):
+        if rows is None or any(r is None for r in rows):
+            raise ValueError("oversampling by a simulator kind needs simulator data loaded with "
+                             "return_ground_truth=True")
+        kinds = [[f["kind"] for f in r.get("findings", [])] for r in rows]
+    return oversampled(table, factors, kinds)
+
+
 def pose_stats(ds) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the training poses (population std; 1 where a key is constant).
 
@@ -264,6 +300,7 @@ def judge_loss(judge: CXRJudge, batch: dict, images: torch.Tensor | None = None,
     """
     device = judge.pose_mean.device
     out = judge((batch["image"] if images is None else images).to(device))
+    out = {k: v.float() for k, v in out.items()}  # the losses in fp32 under autocast
     labels, mask = batch["labels"].to(device), batch["label_mask"].to(device)
     bce = F.binary_cross_entropy_with_logits(out["logits"], torch.nan_to_num(labels, nan=0.0), reduction="none")
     bce = (bce * mask).sum() / mask.sum().clamp(min=1)
@@ -283,8 +320,10 @@ def train_step(judge: CXRJudge, batch: dict, optimizer: torch.optim.Optimizer, c
                generator: torch.Generator) -> dict[str, float]:
     """One augmented optimisation step; returns the loss parts (before the update)."""
     judge.train()
-    images = augment(batch["image"].to(judge.pose_mean.device), cfg.jitter, generator)
-    loss, parts = judge_loss(judge, batch, images, cfg.posture, cfg.posture_weight)
+    device = judge.pose_mean.device
+    images = augment(batch["image"].to(device), cfg.jitter, generator)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, parts = judge_loss(judge, batch, images, cfg.posture, cfg.posture_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -318,6 +357,8 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     judge.to(device)
     optimizer = make_optimizer(judge, cfg)
     shuffle = torch.Generator().manual_seed(cfg.seed)
+    if cfg.oversample:
+        train_ds = torch.utils.data.Subset(train_ds, oversample_indices(train_ds, cfg.oversample))
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                         collate_fn=collate, generator=shuffle, pin_memory=device.type == "cuda")
     aug = torch.Generator().manual_seed(cfg.seed + 1)

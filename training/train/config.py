@@ -90,13 +90,9 @@ class FinetuneConfig:
             raise ValueError("--vae-decoder-only finetunes the VAE's decoder: include vae in --train")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
-        from ..findings import OBSERVATIONS
+        from ..findings import check_oversample
 
-        for label, factor in self.oversample.items():
-            if label not in OBSERVATIONS:
-                raise ValueError(f"--oversample: unknown label {label!r}; known: {list(OBSERVATIONS)}")
-            if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-                raise ValueError(f"--oversample {label}: the factor must be an integer >= 1, got {factor!r}")
+        check_oversample(self.oversample)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

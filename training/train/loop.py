@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..findings import oversampled
 from ..model.checkpoint import Manifest, data_fingerprint, lineage_from, load_pipeline, save_checkpoint
 from ..model.components import TinyModelConfig, build_pipeline, to_model_channels, train_tokenizer
 from .config import FinetuneConfig
@@ -116,16 +117,6 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
         dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
         prompts += batch["prompt"]
     return LatentSet(torch.cat(dists), prompts)
-
-
-def oversampled(labels: np.ndarray, factors: dict[str, int]) -> list[int]:
-    """Dataset indices, each image repeated by the largest factor of the labels it is positive for (1 if none)."""
-    from ..findings import OBSERVATIONS
-
-    reps = np.ones(len(labels), dtype=np.int64)
-    for label, k in factors.items():
-        reps = np.where(labels[:, OBSERVATIONS.index(label)] == 1.0, np.maximum(reps, k), reps)
-    return np.repeat(np.arange(len(labels)), reps).tolist()
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
