@@ -130,3 +130,37 @@ def test_pneumothorax_lucency_tells_a_lucent_space_from_an_opacity():
     assert r["region_pixels"]["right"] == int(0.05 * 64 * 64) and "left" not in r["region_pixels"]
     o = pneumothorax_lucency(real, rows, real, rows, opaque, rows, share=0.05)["generated"]
     assert o["delta_intensity"] > 0.3 and o["texture_ratio"] > 0.5
+
+
+def test_generated_images_are_reused_only_for_the_same_model_prompts_and_settings(setup, tmp_path, monkeypatch):
+    """Evaluating again (another judge, an interruption) reuses OUT/generated/NAME.pt; anything that changes the
+    images (weights, prompts, seed, sampler settings) samples again, and so does an unreadable file."""
+    import shutil
+
+    import training.generation as G
+    from training.evaluate.harness import generate_images
+    from training.model.checkpoint import load_pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(setup / "model", model)
+    pipe, _ = load_pipeline(model)
+    cfg = EvalConfig(out=str(tmp_path / "out"), model=str(model), data=str(setup / "data"), steps=2, batch_size=4)
+    calls = []
+    real_generate = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(a[1]) or real_generate(*a, **k))
+    prompts = ["Large left pleural effusion.", "No acute cardiopulmonary process."]
+    first = generate_images(pipe, prompts, cfg, 0, "heldout")
+    assert len(calls) == 1 and (tmp_path / "out" / "generated" / "heldout.pt").is_file()
+    assert torch.equal(generate_images(pipe, prompts, cfg, 0, "heldout"), first) and len(calls) == 1
+    generate_images(pipe, prompts, cfg, 1, "heldout")  # another seed
+    generate_images(pipe, prompts[:1], cfg, 1, "heldout")  # other prompts
+    generate_images(pipe, prompts[:1], EvalConfig(**{**cfg.__dict__, "guidance": 2.0}), 1, "heldout")
+    assert len(calls) == 4
+    unet = next((model / "unet").glob("*.safetensors"))
+    unet.write_bytes(unet.read_bytes() + b" ")  # other weights (the key hashes the files)
+    generate_images(pipe, prompts[:1], EvalConfig(**{**cfg.__dict__, "guidance": 2.0}), 1, "heldout")
+    assert len(calls) == 5
+    (tmp_path / "out" / "generated" / "heldout.pt").write_bytes(b"not a tensor file")
+    assert generate_images(pipe, prompts, cfg, 0, "heldout").shape == first.shape and len(calls) == 6
+    generate_images(pipe, prompts, cfg, 0)  # no name: never cached
+    assert len(calls) == 7

@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,8 @@ import torch
 from ..findings import OBSERVATIONS
 from . import judge as J
 from .config import EvalConfig  # noqa: F401  (re-exported: the harness API takes it)
+
+log = logging.getLogger(__name__)
 
 EFFUSION = OBSERVATIONS.index("Pleural Effusion")
 
@@ -112,12 +116,49 @@ def vae_roundtrip(pipe, images: torch.Tensor, batch_size: int = 32) -> torch.Ten
     return roundtrip(pipe.vae, images, batch_size)
 
 
-def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int) -> torch.Tensor:
+def model_fingerprint(model: str | Path) -> str:
+    """sha256 over a checkpoint's weight files (names and bytes): equal means the same generator."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(model)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")):
+        h.update(str(f.relative_to(root)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: str | None = None) -> torch.Tensor:
+    """The images of ``prompts`` ((N, 1, H, W) in [-1, 1]), reused from OUT/generated/NAME.pt when that file was
+    made by the same weights, prompts, seed and sampler settings: evaluating again with another judge (or
+    after an interruption) does not sample again."""
     from ..generation import generate
 
     size = pipe.vae.config.sample_size
-    imgs = generate(pipe, prompts, seed, cfg.steps, cfg.guidance, "", cfg.batch_size, size)
-    return torch.from_numpy(imgs)[:, None] * 2 - 1
+    cache, key = None, None
+    if name is not None:
+        import hashlib
+
+        cache = Path(cfg.out) / "generated" / f"{name}.pt"
+        key = hashlib.sha256(json.dumps([model_fingerprint(cfg.model), prompts, seed, cfg.steps, cfg.guidance,
+                                         cfg.scheduler, cfg.batch_size, size, cfg.device]).encode()).hexdigest()
+        if cache.is_file():
+            try:
+                blob = torch.load(cache, map_location="cpu", weights_only=True)
+                if blob.get("key") == key:
+                    return blob["images"]
+            except Exception as e:  # a truncated or foreign file: sample again and overwrite it
+                log.warning("ignoring unreadable %s: %s", cache, e)
+    imgs = torch.from_numpy(generate(pipe, prompts, seed, cfg.steps, cfg.guidance, "", cfg.batch_size, size))
+    imgs = imgs[:, None] * 2 - 1
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "images": imgs}, tmp)
+        os.replace(tmp, cache)
+    return imgs
 
 
 # --------------------------------------------------------------------------- 4.-8. metrics
@@ -308,7 +349,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # 3. One image per held-out prompt: the test split's, then the prompts file's (worded otherwise).
     prompts = [r["prompt"] for r in test_rows]
     extra_prompts, extra_labels, extra_rows = extra_heldout(cfg)
-    all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed)
+    all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed, "heldout")
     gen_imgs, extra_imgs = all_imgs[:len(prompts)], all_imgs[len(prompts):]
     m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
          "n_prompts": len(prompts), "n_prompts_extra": len(extra_prompts), "steps": cfg.steps,
@@ -345,7 +386,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     m["fid_ratio_to_floor"] = m["fid"] / m["fid_floor"] if m["fid_floor"] else math.nan
     # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
     k = min(cfg.diversity_prompts, len(prompts))
-    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000)
+    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000, "diversity")
     m["ms_ssim_generated"] = mean_pairwise_msssim(list(rep.split(4)))
     m["ms_ssim_real"] = mean_pairwise_msssim(list(test_imgs[: 4 * (len(test_imgs) // 4)][: 4 * k].split(4)))
     # 7. Posture.
@@ -413,7 +454,7 @@ def augmentation(cfg: EvalConfig, pipe, size: int, test_imgs, test_labels, out: 
     imgs, labels, rows = take(train_ds, cfg.augment_real + cfg.augment_synthetic)
     real = ImageSet(imgs[: cfg.augment_real], labels[: cfg.augment_real])
     syn_prompts = [r["prompt"] for r in rows[cfg.augment_real:]]
-    syn = generate_images(pipe, syn_prompts, cfg, cfg.seed + 20_000)
+    syn = generate_images(pipe, syn_prompts, cfg, cfg.seed + 20_000, "augmentation")
     mixed = ImageSet(torch.cat([real.images, syn]), torch.cat([real.labels, labels[cfg.augment_real:]]))
     test = ImageSet(test_imgs, test_labels)
     return {"augmentation_auroc_real_only": augmentation_auroc(cfg, real, test, out / "aug_real"),
