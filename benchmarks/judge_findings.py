@@ -8,8 +8,8 @@ positive is scored on its own: positives = images with that kind, negatives = im
 so it runs on simulated data only.
 
 Usage: python benchmarks/judge_findings.py [--judge runs/judge256] [--data runs/sim256-judge] [--split test]
-                                           [--size 128]
-Writes benchmarks/results/judge-findings-cpu.json and prints a markdown table.
+                                           [--size 128] [--labels L1,L2] [--out FILE]
+Writes benchmarks/results/judge-findings-cpu.json (or --out) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--size", type=int, default=128, help="the resolution the images are read at (the generator's)")
     p.add_argument("--labels", default=None, help="comma-separated labels (default: those with AUROC < 0.85)")
+    p.add_argument("--out", default="benchmarks/results/judge-findings-cpu.json", help="results file")
     a = p.parse_args()
     if not (REPO / a.data / "ground_truth.jsonl").is_file():
         p.error(f"{a.data} has no ground_truth.jsonl: this diagnostic needs simulated data")
@@ -76,7 +77,8 @@ def main() -> int:
     overall = auroc_per_finding(probs, labels, mask)
     rows = [ds[i]["ground_truth"] for i in range(len(ds))]  # the simulator's row of each image, in order
     names = a.labels.split(",") if a.labels else [k for k, v in overall.items() if v is not None and v < 0.85]
-    result = {"benchmark": "judge-findings", "device": machine(), "judge": a.judge, "data": a.data,
+    result = {"benchmark": "judge-findings", "device": machine(), "judge": a.judge,
+              "judge_config": judge.meta.get("config"), "data": a.data,
               "split": a.split, "size": a.size, "n_images": len(rows),
               "auroc": {k: v for k, v in overall.items() if v is not None}, "labels": {}}
     lines = ["| label | positives by | n | AUROC |", "|---|---|---|---|"]
@@ -99,7 +101,7 @@ def main() -> int:
                 lines.append(f"| {label} | lesion {lo}-{hi} mm | {n} | {auc:.3f} |")
         lines.append(f"| {label} | all | {int(np.nansum(labels[:, j].numpy() == 1))} | {overall[label]:.3f} |")
         result["labels"][label] = {"auroc": overall[label], "by_kind": per_kind, "by_lesion_diameter": per_size}
-    out = REPO / "benchmarks" / "results" / "judge-findings-cpu.json"
+    out = REPO / a.out
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(lines))
     return 0

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def register_judge(sub: argparse._SubParsersAction) -> None:
     """``cxrgen judge train``: an evaluation judge on its own (``cxrgen evaluate`` trains one only as a side
     effect, with the harness's few settings)."""
-    from .judge import ARCHS, PRECISIONS, JudgeConfig
+    from .config import ARCHS, PRECISIONS
 
     p = sub.add_parser("judge", help="the evaluation judge: train one on simulator (or real) data")
     jsub = p.add_subparsers(dest="judge_command", required=True)
@@ -102,7 +102,7 @@ def register_judge(sub: argparse._SubParsersAction) -> None:
                    help="training images that show a simulator kind or CheXpert label appear K times per epoch, "
                         "e.g. 'nodule=4,mass=4'")
     t.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
-    t.set_defaults(func=run_judge_train, _config=JudgeConfig)
+    t.set_defaults(func=run_judge_train)
 
 
 def run_judge_train(args: argparse.Namespace) -> int:

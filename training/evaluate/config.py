@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+ARCHS: tuple[str, ...] = ("densenet121", "resnet18")  # judge backbones (training.evaluate.judge)
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # judge training precisions
+
 
 @dataclasses.dataclass
 class EvalConfig:

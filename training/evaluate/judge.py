@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.artifacts import jsonable as _jsonable, read_meta
+from training.evaluate.config import ARCHS, PRECISIONS
 from training.findings import OBSERVATIONS
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ log = logging.getLogger(__name__)
 POSE_KEYS: tuple[str, ...] = ("roll_deg", "yaw_deg", "pitch_deg", "shift_x_mm", "shift_z_mm",
                               "inspiration", "width_scale")
 ROTATION_KEYS: tuple[str, ...] = ("roll_deg", "yaw_deg", "pitch_deg")
-ARCHS: tuple[str, ...] = ("densenet121", "resnet18")
 DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 FORMAT_VERSION = 1  # of judge.json; bumped when the artifact layout changes
 META_FILE = "judge.json"
 LOG_FILE = "log.jsonl"
