@@ -159,26 +159,13 @@ def baseline_folder(path: str) -> Path:
     return folder
 
 
-WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-           "vae/diffusion_pytorch_model.safetensors", "ace.safetensors")
-
-
-def weights_fingerprint(model: Path) -> str:
-    """sha256 over the generator's weight files (and ACE tokens, if any): equal means the same images."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for rel in WEIGHTS:
-        f = model / rel
-        h.update(rel.encode() + (f.read_bytes() if f.is_file() else b"absent"))
-    return h.hexdigest()
-
-
 def evaluate(name: str, model: Path, a) -> dict:
     out = REPO / a.runs / f"eval-{name}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    if name != "baseline" and weights_fingerprint(model) == weights_fingerprint(REPO / a.baseline):
+    from training.evaluate.harness import model_fingerprint
+
+    if name != "baseline" and model_fingerprint(model) == model_fingerprint(REPO / a.baseline):
         # Early stopping kept round 0: the checkpoint holds the baseline's weights, file for file, so its
         # evaluation (same prompts, same seeds) is the baseline's. Reused, and marked as such.
         m = dict(evaluate("baseline", REPO / a.baseline, a), identical_to_baseline=True)

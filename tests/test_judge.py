@@ -73,15 +73,18 @@ def test_training_writes_artifacts_and_round_trips(trained, sim):
     assert loaded(torch.zeros(2, 1, 128, 128))["logits"].shape == (2, 14)
 
 
-def test_loss_falls_when_overfitting_one_batch(sim):
+def one_batch(sim, **config):
+    """A fresh resnet18 judge, its optimiser and one fixed batch of 8 training films, to overfit."""
     torch.manual_seed(0)
-    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, lr=1e-3, jitter=0.0, device="cpu")
+    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, lr=1e-3, jitter=0.0, device="cpu", **config)
     ds = dataset(sim, "train")
-    batch = collate([ds[i] for i in range(8)])
     judge = CXRJudge("resnet18", SIZE)
     judge.set_pose_stats(*pose_stats(ds))
-    opt = make_optimizer(judge, cfg)
-    gen = torch.Generator().manual_seed(0)
+    return cfg, collate([ds[i] for i in range(8)]), judge, make_optimizer(judge, cfg), torch.Generator().manual_seed(0)
+
+
+def test_loss_falls_when_overfitting_one_batch(sim):
+    cfg, batch, judge, opt, gen = one_batch(sim)
     losses = [train_step(judge, batch, opt, cfg, gen)["loss"] for _ in range(20)]
     judge.eval()
     with torch.no_grad():
@@ -228,14 +231,7 @@ def test_judge_config_names_a_bad_oversample_or_precision():
 
 def test_a_bf16_training_step_learns_and_keeps_fp32_weights(sim):
     """precision="bf16": the forward runs under bfloat16 autocast, the loss is finite and falls, weights stay fp32."""
-    torch.manual_seed(0)
-    cfg = JudgeConfig(arch="resnet18", image_size=SIZE, lr=1e-3, jitter=0.0, device="cpu", precision="bf16")
-    ds = dataset(sim, "train")
-    batch = collate([ds[i] for i in range(8)])
-    judge = CXRJudge("resnet18", SIZE)
-    judge.set_pose_stats(*pose_stats(ds))
-    opt = make_optimizer(judge, cfg)
-    gen = torch.Generator().manual_seed(0)
+    cfg, batch, judge, opt, gen = one_batch(sim, precision="bf16")
     seen = []
     hook = judge.trunk.conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     losses = [train_step(judge, batch, opt, cfg, gen)["loss"] for _ in range(15)]

@@ -130,10 +130,12 @@ def model_fingerprint(model: str | Path) -> str:
     return h.hexdigest()
 
 
-def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: str | None = None) -> torch.Tensor:
+def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: str | None = None,
+                    fingerprint: str | None = None) -> torch.Tensor:
     """The images of ``prompts`` ((N, 1, H, W) in [-1, 1]), reused from OUT/generated/NAME.pt when that file was
     made by the same weights, prompts, seed and sampler settings: evaluating again with another judge (or
-    after an interruption) does not sample again."""
+    after an interruption) does not sample again. ``fingerprint``: ``model_fingerprint(cfg.model)`` when the
+    caller already has it (one read of the weights per evaluation)."""
     from ..generation import generate
 
     size = pipe.vae.config.sample_size
@@ -142,8 +144,9 @@ def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: 
         import hashlib
 
         cache = Path(cfg.out) / "generated" / f"{name}.pt"
-        key = hashlib.sha256(json.dumps([model_fingerprint(cfg.model), prompts, seed, cfg.steps, cfg.guidance,
-                                         cfg.scheduler, cfg.batch_size, size, cfg.device]).encode()).hexdigest()
+        settings = [fingerprint or model_fingerprint(cfg.model), prompts, seed, cfg.steps, cfg.guidance,
+                    cfg.scheduler, cfg.batch_size, size, cfg.device]
+        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
         if cache.is_file():
             try:
                 blob = torch.load(cache, map_location="cpu", weights_only=True)
@@ -349,7 +352,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     # 3. One image per held-out prompt: the test split's, then the prompts file's (worded otherwise).
     prompts = [r["prompt"] for r in test_rows]
     extra_prompts, extra_labels, extra_rows = extra_heldout(cfg)
-    all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed, "heldout")
+    weights = model_fingerprint(cfg.model)  # the key of the cached images
+    all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed, "heldout", weights)
     gen_imgs, extra_imgs = all_imgs[:len(prompts)], all_imgs[len(prompts):]
     m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
          "n_prompts": len(prompts), "n_prompts_extra": len(extra_prompts), "steps": cfg.steps,
@@ -386,7 +390,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     m["fid_ratio_to_floor"] = m["fid"] / m["fid_floor"] if m["fid_floor"] else math.nan
     # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
     k = min(cfg.diversity_prompts, len(prompts))
-    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000, "diversity")
+    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000, "diversity",
+                          weights)
     m["ms_ssim_generated"] = mean_pairwise_msssim(list(rep.split(4)))
     m["ms_ssim_real"] = mean_pairwise_msssim(list(test_imgs[: 4 * (len(test_imgs) // 4)][: 4 * k].split(4)))
     # 7. Posture.
@@ -394,7 +399,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     m["posture_error_deg_real"] = mean_abs_rotation(judge, test_imgs)
     # 8. Augmentation utility.
     if cfg.augment_real > 0:
-        m.update(augmentation(cfg, pipe, size, test_imgs, test_labels, out))
+        m.update(augmentation(cfg, pipe, size, test_imgs, test_labels, out, weights))
     # 9. Report.
     save_grid(gen_imgs[:16], prompts[:16], out / "samples.png")
     auroc_plot(m["conditioning_auroc"], m["judge_auroc_real"], out / "auroc.png")
@@ -448,13 +453,14 @@ def panel_rates(cfg: EvalConfig, gen_imgs: torch.Tensor, gen_findings: list, rea
             "panel_plausible_rate_real": real["panel_plausible_rate"], "panel_version": panel.version}
 
 
-def augmentation(cfg: EvalConfig, pipe, size: int, test_imgs, test_labels, out: Path) -> dict:
+def augmentation(cfg: EvalConfig, pipe, size: int, test_imgs, test_labels, out: Path,
+                 fingerprint: str | None = None) -> dict:
     """8. Classifier on N real train images vs N real + M synthetic (prompts of other train studies)."""
     train_ds = dataset(cfg, cfg.train_split, size, gt=False)
     imgs, labels, rows = take(train_ds, cfg.augment_real + cfg.augment_synthetic)
     real = ImageSet(imgs[: cfg.augment_real], labels[: cfg.augment_real])
     syn_prompts = [r["prompt"] for r in rows[cfg.augment_real:]]
-    syn = generate_images(pipe, syn_prompts, cfg, cfg.seed + 20_000, "augmentation")
+    syn = generate_images(pipe, syn_prompts, cfg, cfg.seed + 20_000, "augmentation", fingerprint)
     mixed = ImageSet(torch.cat([real.images, syn]), torch.cat([real.labels, labels[cfg.augment_real:]]))
     test = ImageSet(test_imgs, test_labels)
     return {"augmentation_auroc_real_only": augmentation_auroc(cfg, real, test, out / "aug_real"),
