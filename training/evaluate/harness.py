@@ -270,7 +270,7 @@ def auroc_plot(gen: dict, real: dict, path: Path) -> None:
     ax.bar(x - 0.2, [real.get(k, math.nan) for k in names], 0.4, label="judge on real test images")
     ax.bar(x + 0.2, [gen.get(k, math.nan) for k in names], 0.4, label="judge on generated (prompt labels)")
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1), ax.axhline(0.5, color="grey", lw=0.5), ax.set_ylabel("AUROC"), ax.legend(fontsize=8)
+    ax.set_ylim(0, 1), ax.axhline(0.5, color="grey", lw=0.5), ax.set_ylabel("AUROC"), ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
