@@ -161,6 +161,56 @@ def test_load_judge_errors_name_the_file(tmp_path, trained):
         load_judge(broken)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_avgmax_pooling_feeds_the_max_to_the_findings_head_only(arch, tmp_path):
+    """pooling="avgmax": the findings head reads [average, max] of the last feature maps (and learns from both
+    halves); the FID features and the posture head keep the plain average; judge.json carries the pooling."""
+    from training.evaluate.judge import _feature_map, save_judge
+
+    torch.manual_seed(0)
+    judge = CXRJudge(arch, SIZE, "avgmax")
+    f = judge.n_features
+    assert judge.findings.in_features == 2 * f and judge.posture.in_features == f
+    x = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
+    judge.eval()
+    with torch.no_grad():
+        fmap = _feature_map(judge.trunk, arch, judge.prepare(x))
+        out = judge(x)
+        assert torch.allclose(judge.features(x), fmap.mean((2, 3)), atol=1e-6)  # the FID space is unchanged
+        expected = judge.findings(torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1))
+        assert torch.allclose(out["logits"], expected, atol=1e-5)
+        assert torch.allclose(out["posture_z"], judge.posture(fmap.mean((2, 3))), atol=1e-5)
+    judge.train()
+    judge(x)["logits"].sum().backward()
+    assert judge.findings.weight.grad[:, f:].abs().sum() > 0  # the max half is trained, not a dead input
+
+    save_judge(judge.eval(), JudgeConfig(arch=arch, image_size=SIZE, pooling="avgmax"), tmp_path)
+    loaded = load_judge(tmp_path)
+    assert loaded.pooling == "avgmax"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)["logits"], judge(x)["logits"], atol=1e-6)
+
+
+def test_judges_saved_before_pooling_load_as_average_and_bad_poolings_are_named(trained, tmp_path):
+    _, out, _ = trained
+    meta = json.loads((out / "judge.json").read_text())
+    assert meta["pooling"] == "avg"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "judge.safetensors").write_bytes((out / "judge.safetensors").read_bytes())
+    del meta["pooling"]
+    (old / "judge.json").write_text(json.dumps(meta))
+    assert load_judge(old).pooling == "avg"
+    meta["pooling"] = "lse"
+    (old / "judge.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="judge.json.*'lse'"):
+        load_judge(old)
+    with pytest.raises(ValueError, match="pooling 'lse'.*avgmax"):
+        JudgeConfig(pooling="lse")
+    with pytest.raises(ValueError, match="pooling 'lse'"):
+        CXRJudge("resnet18", SIZE, "lse")
+
+
 def test_densenet_features_shape():
     judge = CXRJudge("densenet121", 64).eval()
     with torch.no_grad():
@@ -247,9 +297,10 @@ def test_cxrgen_judge_train_writes_a_judge_and_names_bad_flags(sim, tmp_path, ca
     out = tmp_path / "j"
     assert main(["judge", "train", "--data", str(sim), "--out", str(out), "--read-size", "64", "--arch", "resnet18",
                  "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-                 "--oversample", "Lung Opacity=2", "--precision", "bf16"]) == 0
+                 "--oversample", "Lung Opacity=2", "--precision", "bf16", "--pooling", "avgmax"]) == 0
     meta = json.loads((out / "judge.json").read_text())
     assert meta["config"]["oversample"] == {"Lung Opacity": 2} and meta["config"]["precision"] == "bf16"
+    assert meta["pooling"] == "avgmax" and load_judge(out).pooling == "avgmax"
     assert load_judge(out).image_size == 64
     assert '"val_mean_auroc"' in capsys.readouterr().out
     assert main(["judge", "train", "--data", str(sim), "--out", str(out), "--oversample", "nodule"]) == 2

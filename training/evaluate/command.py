@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 def register_judge(sub: argparse._SubParsersAction) -> None:
     """``cxrgen judge train``: an evaluation judge on its own (``cxrgen evaluate`` trains one only as a side
     effect, with the harness's few settings)."""
-    from .config import ARCHS, PRECISIONS
+    from .config import ARCHS, POOLINGS, PRECISIONS
 
     p = sub.add_parser("judge", help="the evaluation judge: train one on simulator (or real) data")
     jsub = p.add_subparsers(dest="judge_command", required=True)
@@ -96,6 +96,9 @@ def register_judge(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr-schedule", choices=("cosine", "constant"), default=None, dest="lr_schedule")
     t.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: the training forward under bfloat16 autocast (~2.5x faster on AVX512-BF16 CPUs)")
+    t.add_argument("--pooling", choices=POOLINGS, default=None,
+                   help="findings head pooling: avg (default) or avgmax, the global max beside the average so a "
+                        "few bright pixels (a small calcified nodule) are not averaged away")
     t.add_argument("--no-posture", action="store_false", dest="posture", default=None,
                    help="no posture head training (real data has no ground-truth poses)")
     t.add_argument("--oversample", metavar="NAME=K,...",

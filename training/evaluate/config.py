@@ -7,6 +7,10 @@ import dataclasses
 
 ARCHS: tuple[str, ...] = ("densenet121", "resnet18")  # judge backbones (training.evaluate.judge)
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # judge training precisions
+# How the judge's findings head pools the backbone's last feature map: "avg" (global average, as torchvision's
+# classifiers) or "avgmax" (global average and global max side by side, so a few bright pixels, a 1-3 px
+# granuloma, are not averaged away). The FID features and the posture head always use the average.
+POOLINGS: tuple[str, ...] = ("avg", "avgmax")
 
 
 @dataclasses.dataclass

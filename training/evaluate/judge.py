@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.artifacts import jsonable as _jsonable, read_meta
-from training.evaluate.config import ARCHS, PRECISIONS
+from training.evaluate.config import ARCHS, POOLINGS, PRECISIONS
 from training.findings import OBSERVATIONS
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ MIN_IMAGE_SIZE = 32  # both backbones downsample 32x; smaller inputs leave no sp
 def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown judge arch {arch!r}; known: {list(ARCHS)}")
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown judge pooling {pooling!r}; known: {list(POOLINGS)}")
 
 
 @dataclasses.dataclass
@@ -85,9 +90,12 @@ class JudgeConfig:
     # {simulator kind or CheXpert label: K}: training images that show it appear K times per epoch, e.g.
     # {"nodule": 4, "mass": 4} so the Lung Lesion head is not taught by granulomas alone (kinds need simulator data)
     oversample: dict = dataclasses.field(default_factory=dict)
+    # the findings head's pooling, one of config.POOLINGS: "avgmax" adds the global max of every feature map
+    pooling: str = "avg"
 
     def __post_init__(self) -> None:
         _check_arch(self.arch)
+        _check_pooling(self.pooling)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         from training.findings import check_oversample
@@ -149,20 +157,34 @@ def _build_trunk(arch: str) -> tuple[nn.Module, int]:
     return trunk, n_features
 
 
+def _feature_map(trunk: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's last (N, F, h, w) feature map, before its global average pool: the same modules and
+    weights as ``trunk(x)``, which is this map's spatial mean."""
+    if arch == "densenet121":
+        return trunk[1](trunk[0](x))  # features (ending in norm5), ReLU
+    x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
+    return trunk.layer4(trunk.layer3(trunk.layer2(trunk.layer1(x))))
+
+
 class CXRJudge(nn.Module):
     """Backbone + two linear heads on the pooled features: ``findings`` (14) and ``posture`` (7).
+
+    ``pooling="avgmax"`` gives the findings head the global max of the last feature maps beside their
+    average (POOLINGS); the posture head and ``features`` use the average alone.
 
     ``forward(x)`` returns ``{"logits": (N, 14), "posture": (N, 7) in physical units,
     "posture_z": (N, 7) standardised}``; ``features(x)`` the pooled (N, F) features
     (F = 1024 for densenet121, 512 for resnet18), the FID feature space.
     """
 
-    def __init__(self, arch: str = "densenet121", image_size: int = 128) -> None:
+    def __init__(self, arch: str = "densenet121", image_size: int = 128, pooling: str = "avg") -> None:
         super().__init__()
         _check_arch(arch)
-        self.arch, self.image_size = arch, int(image_size)
+        _check_pooling(pooling)
+        self.arch, self.image_size, self.pooling = arch, int(image_size), pooling
         self.trunk, self.n_features = _build_trunk(arch)
-        self.findings = nn.Linear(self.n_features, len(OBSERVATIONS))
+        # "avgmax": the findings head reads the average and the max of every map (2F inputs)
+        self.findings = nn.Linear(self.n_features * (2 if pooling == "avgmax" else 1), len(OBSERVATIONS))
         self.posture = nn.Linear(self.n_features, len(POSE_KEYS))
         # Buffers, not attributes: saved and loaded with the weights, moved by .to(device).
         self.register_buffer("pose_mean", torch.zeros(len(POSE_KEYS)))
@@ -179,13 +201,19 @@ class CXRJudge(nn.Module):
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (N, F): the FID feature extractor."""
+        """Pooled backbone features (N, F): the FID feature extractor (always the global average)."""
         return self.trunk(self.prepare(x))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(x)
+        if self.pooling == "avg":
+            h = self.features(x)
+            pooled = h
+        else:
+            fmap = _feature_map(self.trunk, self.arch, self.prepare(x))
+            h = fmap.mean((2, 3))
+            pooled = torch.cat([h, fmap.amax((2, 3))], dim=1)
         z = self.posture(h)
-        return {"logits": self.findings(h), "posture": z * self.pose_std + self.pose_mean, "posture_z": z}
+        return {"logits": self.findings(pooled), "posture": z * self.pose_std + self.pose_mean, "posture_z": z}
 
     def standardize(self, pose: torch.Tensor) -> torch.Tensor:
         """Physical pose (N, 7) -> the standardised units the posture head is trained in."""
@@ -350,7 +378,7 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # weight init
-    judge = CXRJudge(cfg.arch, cfg.image_size)
+    judge = CXRJudge(cfg.arch, cfg.image_size, cfg.pooling)
     if cfg.posture:
         judge.set_pose_stats(*pose_stats(train_ds))
     judge.to(device)
@@ -556,6 +584,7 @@ def save_judge(judge: CXRJudge, cfg: JudgeConfig, out_dir: str | Path, metrics: 
         save_file(state, str(weights))
     meta = {
         "format": FORMAT_VERSION, "weights": weights.name, "arch": judge.arch, "image_size": judge.image_size,
+        "pooling": judge.pooling,
         "n_features": judge.n_features, "observations": list(OBSERVATIONS), "pose_keys": list(POSE_KEYS),
         "pose_mean": judge.pose_mean.tolist(), "pose_std": judge.pose_std.tolist(),
         "config": dataclasses.asdict(cfg), "metrics": metrics or {},
@@ -576,6 +605,8 @@ def _read_meta(path: Path) -> dict:
         raise ValueError(f"{path}: the judge's observations / pose keys differ from training.findings / POSE_KEYS")
     if meta["arch"] not in ARCHS:
         raise ValueError(f"{path}: unknown judge arch {meta['arch']!r}; known: {list(ARCHS)}")
+    if meta.get("pooling", "avg") not in POOLINGS:  # judges saved before pooling was a choice averaged
+        raise ValueError(f"{path}: unknown judge pooling {meta['pooling']!r}; known: {list(POOLINGS)}")
     return meta
 
 
@@ -609,7 +640,7 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> CXRJudge
     meta = _read_meta(folder / META_FILE)
     weights = p if p.is_file() and p.name != META_FILE else folder / meta["weights"]
     state = _read_weights(weights)
-    judge = CXRJudge(meta["arch"], int(meta["image_size"]))
+    judge = CXRJudge(meta["arch"], int(meta["image_size"]), meta.get("pooling", "avg"))
     try:
         judge.load_state_dict(state, strict=True)
     except RuntimeError as e:
