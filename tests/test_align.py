@@ -424,3 +424,110 @@ def test_probe_reports_the_judges_verdicts(micro_pipe, tmp_path):
     assert v["heldout_n"] == 4 and 0 <= v["judge_agreement"] <= 1
     assert "Pleural Effusion" in v["judge_auroc"] and 0 <= v["judge_auroc_mean"] <= 1
     assert "reward" not in v and "panel_plausible_rate" not in v  # only the eyes it was given
+
+
+@pytest.fixture(scope="module")
+def real_films(tmp_path_factory, anat):
+    from training.simulator.dataset import SimulateConfig, simulate
+
+    real = tmp_path_factory.mktemp("real")
+    simulate(SimulateConfig(out=str(real), n=16, size=128, seed=0, workers=1), progress=False)
+    return real
+
+
+def test_align_spin_prefers_real_films_to_its_own_images_and_resumes_without_resampling(micro_pipe, real_films,
+                                                                                         tmp_path, monkeypatch):
+    """spin: the starting model's images of the real films' reports are sampled once (OUT/self_play.pt, counted
+    in images_sampled), each round is a DPO step with the real film as the winner; a resumed run reuses the
+    losers and ends with the same weights."""
+    import training.generation as generation
+    from training.align.run import align
+    from training.model.checkpoint import Manifest, load_pipeline as load
+
+    _, folder = micro_pipe
+    kw = dict(method="spin", real_data=str(real_films), prompts_file=None, limit=4, dpo_beta=50.0)
+    straight = align(_align_cfg(tmp_path, folder, "a", **kw), False)
+    m = Manifest.read(straight)
+    assert m.stage == "align:spin" and m.parent_version == "micro"
+    assert m.config["pairs"] == 4 and m.metrics["images_sampled"] == 4 and m.metrics["rounds"] == 2
+    blob = torch.load(tmp_path / "a" / "self_play.pt", weights_only=True)
+    assert blob["images"].shape == (4, 1, 32, 32) and len(blob["key"]["prompts"]) == 4
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(0 <= r["reward"] <= 1 and math.isfinite(r["loss"]) for r in log)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # adapters start at the reference: no margin yet
+
+    align(_align_cfg(tmp_path, folder, "b", iterations=1, **kw), False)
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("resumed spin sampled its losers again"))
+    resumed = align(_align_cfg(tmp_path, folder, "b", iterations=2, **kw), False)
+    assert Manifest.read(resumed).metrics["images_sampled"] == 4
+    a, _ = load(straight)
+    b, _ = load(resumed)
+    for (n, x), (_, y) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(x, y), n
+    base, _ = load(folder)
+    assert any(not torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), base.unet.state_dict().values()))
+
+
+def test_mismatched_losers_disagree_with_the_winners_findings():
+    from training.align.offline import mismatched
+
+    nan = float("nan")
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [nan, nan], [1.0, nan]])
+    for seed in range(5):
+        idx = mismatched(labels, seed)
+        assert idx[0] == 2 and idx[1] == 2  # the only film that disagrees with [1, 0]
+        assert idx[2] in (0, 1, 4)  # [0, 1] against every film with finding 0 positive
+        assert idx[3] == 3  # nothing known to disagree with: paired with itself (a zero-margin pair)
+        assert idx[4] == 2
+
+
+def test_align_spin_with_mismatched_real_losers_samples_nothing(micro_pipe, real_films, tmp_path):
+    from training.align.run import align
+    from training.model.checkpoint import Manifest
+
+    _, folder = micro_pipe
+    ckpt = align(_align_cfg(tmp_path, folder, "mm", method="spin", losers="mismatched", real_data=str(real_films),
+                            prompts_file=None, limit=8, dpo_beta=50.0), False)
+    m = Manifest.read(ckpt)
+    assert m.stage == "align:spin" and m.config["losers"] == "mismatched" and m.config["pairs"] == 8
+    assert m.metrics["images_sampled"] == 0 and not (tmp_path / "mm" / "self_play.pt").exists()
+    log = [json.loads(x) for x in (tmp_path / "mm" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    with pytest.raises(ValueError, match="--losers"):
+        _align_cfg(tmp_path, folder, "x", method="spin", real_data="r", losers="random").validate()
+
+
+def test_real_oversample_picks_a_findings_films_first(real_films):
+    import dataclasses
+
+    from training.align.config import AlignConfig
+    from training.align.offline import real_images
+    from training.data.mimic import MimicCXRDataset
+    from training.findings import OBSERVATIONS
+
+    ds = MimicCXRDataset(root=real_films, split="train", size=32)
+    label = max(OBSERVATIONS[:-1], key=lambda o: int((ds.labels[:, OBSERVATIONS.index(o)] == 1).sum()))
+    positive = {ds[i]["prompt"] for i in range(len(ds)) if ds.labels[i, OBSERVATIONS.index(label)] == 1}
+    assert 0 < len(positive) < len(ds)
+    cfg = AlignConfig(method="spin", out="x", real_data=str(real_films), limit=len(positive),
+                      real_oversample={label: 1000})
+    picked = [p for _, p in real_images(cfg, 32)]
+    assert len(picked) == len(set(picked)) == len(positive) and set(picked) == positive
+    plain = [p for _, p in real_images(dataclasses.replace(cfg, real_oversample={}), 32)]
+    assert len(plain) == len(positive) and set(plain) != positive
+
+
+def test_spin_needs_real_films_and_names_a_bad_oversample():
+    import subprocess
+    import sys
+
+    from training.align.config import AlignConfig
+
+    with pytest.raises(ValueError, match="--real-data"):
+        AlignConfig(method="spin", out="x").validate()
+    with pytest.raises(ValueError, match="--real-oversample: unknown label 'Devices'"):
+        AlignConfig(method="spin", out="x", real_data="r", real_oversample={"Devices": 2}).validate()
+    res = subprocess.run([sys.executable, "-m", "training.cli", "align", "--out", "x", "--method", "spin",
+                          "--real-data", "r", "--real-oversample", "Support Devices"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--real-oversample 'Support Devices': expected LABEL=K" in res.stderr
+    assert "Traceback" not in res.stderr

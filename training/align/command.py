@@ -6,18 +6,20 @@ import argparse
 import dataclasses
 import json
 
-from .config import METHODS, AlignConfig
+from .config import LOSERS, METHODS, AlignConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("align", help="align the generator with expert feedback (ddpo, draft, rwl, dpo)",
+    p = sub.add_parser("align", help="align the generator with expert feedback (ddpo, draft, rwl, dpo, spin)",
                        description="Align a checkpoint with expert feedback. On-policy, with the CXR reward models: "
                                    "ddpo (policy gradient over the DDIM trajectory, CXRL; --rlcf: rewards relative "
                                    "to a frozen anchor; --ace: learnable condition tokens) or draft (reward "
                                    "backpropagation through the last --draft-k steps; with --real-data, plus --draft-beta x the "
                                    "denoising loss of real images, an anchor to the data). From stored feedback "
                                    "(--feedback): rwl (reward-weighted likelihood on rated images plus --real-data) "
-                                   "or dpo (Diffusion-DPO on expert comparisons). LoRA adapters on the U-Net. Writes OUT/config.json, "
+                                   "or dpo (Diffusion-DPO on expert comparisons). spin: self-play Diffusion-DPO, real films of --real-data "
+                                   "(--real-oversample LABEL=K picks a finding's films K times as often) preferred to the "
+                                   "model's own images of their reports. LoRA adapters on the U-Net. Writes OUT/config.json, "
                                    "OUT/log.jsonl (reward per round, images sampled), OUT/state/ (resumable: run "
                                    "the same command again) and OUT/checkpoint/ (adapters fused; manifest names the "
                                    "parent, method, rewards and weights).")
@@ -27,10 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         if f.name == "weights":
             p.add_argument(flag, default=None, help="reward weights, name=w,... (default: "
                            + ",".join(f"{k}={v}" for k, v in defaults.weights.items()) + ")")
+        elif f.name == "real_oversample":
+            p.add_argument(flag, default=None, metavar="LABEL=K,...",
+                           help="real films positive for a CheXpert label are K times as likely to be picked")
         elif f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
         elif f.name == "method":
             p.add_argument(flag, default=defaults.method, choices=METHODS)
+        elif f.name == "losers":
+            p.add_argument(flag, default=defaults.losers, choices=LOSERS,
+                           help="spin's losers: self (the model's own image of the report) or mismatched (a real "
+                                "film whose findings disagree with the report)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             if str(f.type).startswith("int | None"):
@@ -53,7 +62,13 @@ def parse_weights(text: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlignConfig) if f.name != "weights"}
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AlignConfig)
+          if f.name not in ("weights", "real_oversample")}
+    if args.real_oversample:
+        from training.train.command import parse_oversample
+
+        kw["real_oversample"] = parse_oversample(args.real_oversample, "LABEL=K, e.g. 'Support Devices=4'",
+                                                   "--real-oversample")
     cfg = AlignConfig(**kw, weights=parse_weights(args.weights)).validate()
     from training.reward.base import REWARD_NAMES
 

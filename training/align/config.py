@@ -6,15 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 
-METHODS = ("ddpo", "draft", "rwl", "dpo")  # on-policy (sample, reward, update) and store-driven (rwl, dpo)
+# on-policy (sample, reward, update), store-driven (rwl, dpo) and self-play on real films (spin)
+METHODS = ("ddpo", "draft", "rwl", "dpo", "spin")
 ON_POLICY = ("ddpo", "draft")
+LOSERS = ("self", "mismatched")  # spin's losers (AlignConfig.losers)
 
 
 @dataclasses.dataclass
 class AlignConfig:
     # -- what and from where --
     # ddpo (policy gradient over the DDIM trajectory), draft (reward backprop through the last K steps),
-    # rwl (reward-weighted likelihood on stored rated images), dpo (Diffusion-DPO on stored comparisons)
+    # rwl (reward-weighted likelihood on stored rated images), dpo (Diffusion-DPO on stored comparisons),
+    # spin (self-play Diffusion-DPO: real films of --real-data preferred to the model's own images of their reports)
     method: str = "ddpo"
     out: str = ""  # run folder: config.json, log.jsonl, state/, checkpoint/
     model: str | None = None  # checkpoint to align (default: models/default)
@@ -25,11 +28,18 @@ class AlignConfig:
     reward_dir: str | None = None  # reward model folders (default: models/rewards)
     feedback: str | None = None  # rwl / dpo: feedback store URL or path, or an NDJSON export (cxrgen feedback export)
     feedback_blobs: str | None = None  # the store's image folder (default: the store's own default)
-    # rwl (required), draft (optional guard): real training images (MIMIC layout; the train split) for beta * L(real)
+    # rwl (required), draft (optional guard): real training images (MIMIC layout; the train split) for beta * L(real);
+    # spin (required): the winners, --limit distinct films of its train split
     real_data: str | None = None
+    # {CheXpert label: K}: a real film positive for the label is K times as likely to be picked (--limit films),
+    # e.g. {"Support Devices": 4} for what the model draws too seldom
+    real_oversample: dict = dataclasses.field(default_factory=dict)
+    # spin's losers: "self" (the starting model's own image of the winner's report: SPIN-Diffusion) or
+    # "mismatched" (another real film whose findings disagree with that report: the pair differs in conditioning only)
+    losers: str = "self"
     rwl_beta: float = 0.3  # rwl: weight of the real-data likelihood (Sun et al.)
     draft_beta: float = 0.3  # draft with --real-data: loss = -reward + draft_beta * L(real), the anchor to the data
-    dpo_beta: float = 2000.0  # dpo: KL strength (Wallace et al. use 2000-5000 for SD)
+    dpo_beta: float = 2000.0  # dpo / spin: KL strength (Wallace et al. use 2000-5000 for SD)
     # CXRL's reward: a weighted sum of the CXR rewards (normalised to sum 1)
     weights: dict = dataclasses.field(default_factory=lambda: {"plausibility": 0.4, "posture": 0.2,
                                                                "diagnosis": 0.2, "consistency": 0.2})
@@ -87,6 +97,13 @@ class AlignConfig:
                              "an NDJSON export)")
         if self.method == "rwl" and not self.real_data:
             raise ValueError("--method rwl needs --real-data (real training images for beta * L(real))")
+        if self.method == "spin" and not self.real_data:
+            raise ValueError("--method spin needs --real-data (the real films preferred to the model's own images)")
+        if self.losers not in LOSERS:
+            raise ValueError(f"--losers must be one of {', '.join(LOSERS)}, got {self.losers!r}")
+        from training.findings import check_oversample
+
+        check_oversample(self.real_oversample, "--real-oversample")
         if self.rlcf and self.method != "ddpo":
             raise ValueError("--rlcf applies to --method ddpo")
         for name, lo in (("iterations", 1), ("prompts_per_iter", 1), ("images_per_prompt", 1), ("steps", 1),

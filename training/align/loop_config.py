@@ -63,7 +63,7 @@ class LoopConfig:
     reward_data: str | None = None  # plausibility's weak positives (default runs/sim-reward where it exists; "": none)
     reward_config: str | None = None  # JSON file of RewardConfig fields for the retrained rewards, e.g. {"epochs": 5}
     # --- 4. alignment
-    method: str = "ddpo"  # ddpo, draft (on the round's rewards), rwl or dpo (on the loop's store)
+    method: str = "ddpo"  # ddpo, draft (on the round's rewards), rwl or dpo (on the loop's store), spin (--real-data)
     iterations: int = 20  # alignment rounds (sampling + update) per loop round
     real_data: str | None = None  # rwl (and draft, as its anchor): real training images (MIMIC layout) for beta * L(real)
     align_config: str | None = None  # JSON file of further AlignConfig fields, e.g. {"rlcf": true, "weights": {...}}

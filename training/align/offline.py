@@ -1,6 +1,6 @@
-"""The store-driven alignment methods (issue 8): reward-weighted likelihood and Diffusion-DPO.
+"""The offline alignment methods (issue 8): reward-weighted likelihood, Diffusion-DPO and self-play DPO.
 
-Both learn from images already generated and judged, not from fresh samples:
+They learn from images already generated (and judged), not from fresh samples each round:
 
 * ``rwl`` (Sun et al. 2023, pathologist-in-the-loop): each round, a batch of real training images and a
   batch of stored generations; loss = beta * L(real) + mean(r * L(generated)), with r the generation's
@@ -8,6 +8,13 @@ Both learn from images already generated and judged, not from fresh samples:
 * ``dpo`` (Wallace et al. 2023): each round, a batch of the store's expert comparisons (ties left out);
   the winner's and the loser's denoising errors at the same t and noise, for the model and its frozen
   starting point, go into ``objectives.dpo_loss``. No reward model in between.
+* ``spin`` (self-play Diffusion-DPO; Yuan et al. 2024, SPIN-Diffusion): the same loss with a real training
+  film as the winner and the starting model's own image of that film's report as the loser, sampled once at
+  the start of the run. It teaches what real films show and the model leaves out (support devices), with the
+  frozen starting model as the reference that keeps it close. ``--real-oversample 'Support Devices=4'``
+  picks the films of a finding K times as often. ``--losers mismatched``: the loser is another real film
+  whose findings disagree with the winner's report, so both images are real and the pair differs only in
+  what the report says (beyond the seed papers).
 
 L is the per-image denoising MSE at a random timestep (``errors``). Feedback comes from a store URL or an
 NDJSON export (imported into a scratch store in the run folder).
@@ -131,18 +138,25 @@ def rwl_round(pipe, opt, fb: Feedback, real: list, sched, cfg, it: int) -> dict:
 
 
 def dpo_round(pipe, opt, fb: Feedback, reference, sched, cfg, it: int) -> dict:
-    """One Diffusion-DPO step on a batch of (winner, loser) pairs: same t and noise for both and both models."""
+    """One Diffusion-DPO step on a batch of the store's (winner, loser) pairs."""
     rng = random.Random(cfg.seed * 1_000_003 + it)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
     size = cfg.size or pipe.vae.config.sample_size
     batch = rng.sample(fb.pairs, min(cfg.prompts_per_iter * cfg.images_per_prompt, len(fb.pairs)))
     w = latents_of(pipe, stored_images(fb.store, [a for a, _, _ in batch], size))
     lo = latents_of(pipe, stored_images(fb.store, [b for _, b, _ in batch], size))
+    return dpo_step(pipe, opt, reference, sched, cfg, w, lo, [p for _, _, p in batch], gen)
+
+
+def dpo_step(pipe, opt, reference, sched, cfg, w: torch.Tensor, lo: torch.Tensor, prompts: list[str],
+             gen: torch.Generator) -> dict:
+    """Diffusion-DPO on winner latents ``w`` and loser latents ``lo`` of ``prompts``: the same t and noise
+    for both images and both models (the trained one and the frozen ``reference``)."""
     noise, t = _noise_t(w, sched, gen)
-    emb = embed(pipe, [p for _, _, p in batch])
+    emb = embed(pipe, prompts)
     mw, ml = errors(pipe.unet, sched, w, emb, t, noise), errors(pipe.unet, sched, lo, emb, t, noise)
     with torch.no_grad():
-        ref_emb = embed(reference, [p for _, _, p in batch])
+        ref_emb = embed(reference, prompts)
         rw = errors(reference.unet, sched, w, ref_emb, t, noise)
         rl = errors(reference.unet, sched, lo, ref_emb, t, noise)
     loss = dpo_loss(mw, ml, rw, rl, cfg.dpo_beta)
@@ -153,11 +167,91 @@ def dpo_round(pipe, opt, fb: Feedback, reference, sched, cfg, it: int) -> dict:
     return {"reward": acc, "loss": loss.item(), "winner_error": mw.mean().item(), "loser_error": ml.mean().item()}
 
 
-def real_images(cfg, size: int) -> list:
-    """(image (1, H, W) in [-1, 1], prompt) of the real training split (``--real-data``), for rwl's anchor term."""
+def real_images(cfg, size: int, with_labels: bool = False) -> list:
+    """(image (1, H, W) in [-1, 1], prompt[, labels (14,)]) of ``cfg.limit`` distinct films of the real training
+    split (``--real-data``): rwl's and draft's anchor term, spin's winners. With ``cfg.real_oversample``
+    ({label: K}) a film positive for a label is K times as likely to be picked."""
     from training.data.mimic import LoaderConfig, MimicCXRDataset
 
     ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size))
-    idx = random.Random(cfg.seed).sample(range(len(ds)), min(cfg.limit, len(ds)))
+    rng = random.Random(cfg.seed)
+    if getattr(cfg, "real_oversample", None):
+        from training.evaluate.judge import oversample_indices
+
+        pool = oversample_indices(ds, cfg.real_oversample)  # film i appears K times
+        rng.shuffle(pool)
+        idx = list(dict.fromkeys(pool))[:cfg.limit]  # distinct films, in the order first drawn
+    else:
+        idx = rng.sample(range(len(ds)), min(cfg.limit, len(ds)))
     samples = (ds[i] for i in idx)  # one decode per image
-    return [(s["image"], s["prompt"]) for s in samples]
+    return [(s["image"], s["prompt"], s["labels"]) if with_labels else (s["image"], s["prompt"]) for s in samples]
+
+
+@dataclasses.dataclass
+class SelfPlay:
+    """spin's pairs, as latents: real films (winners) and, for each, a loser under the winner's report."""
+
+    winners: torch.Tensor  # (N, C, h, w) latents of the real films
+    losers: torch.Tensor  # (N, C, h, w) latents of the losers
+    prompts: list  # N report texts (the winners')
+    images: int  # images sampled to make the losers (this run's share of images_sampled)
+
+
+def mismatched(labels: torch.Tensor, seed: int) -> list[int]:
+    """For each film i, another film j whose labels disagree with i's on at least one finding both know
+    (one positive, the other negative), drawn at random (seeded); i itself when no film disagrees."""
+    rng = random.Random(seed)
+    pos, neg = (labels == 1), (labels == 0)
+    out = []
+    for i in range(len(labels)):
+        differs = ((pos[i] & neg) | (neg[i] & pos)).any(dim=1)
+        candidates = differs.nonzero().flatten().tolist()
+        out.append(rng.choice(candidates) if candidates else i)
+    return out
+
+
+def self_play(pipe, reference, real: list, cfg, out: Path) -> SelfPlay:
+    """spin's pairs for the real films ``real`` ((image, prompt, labels) each). ``cfg.losers``:
+
+    * "self" (SPIN-Diffusion): the reference model's image of every film's report (image i from seed
+      ``cfg.seed + i``, the run's ``--steps`` and ``--guidance``), sampled once and kept in OUT/self_play.pt, so
+      a resumed run trains on the same losers without sampling them again;
+    * "mismatched": another real film whose findings disagree with the winner's (``mismatched``), under the
+      winner's report. Both images are real, so the pair differs in what the report says, not in how real the
+      image looks: it teaches the conditioning and leaves the look alone. No image is sampled.
+    """
+    prompts = [p for _, p, _ in real]
+    winners = torch.stack([x for x, _, _ in real])
+    if cfg.losers == "mismatched":
+        idx = mismatched(torch.stack([torch.as_tensor(lab) for _, _, lab in real]), cfg.seed)
+        w = latents_of(pipe, winners)
+        return SelfPlay(w, w[idx].clone(), prompts, 0)
+    from training.generation import generate
+
+    size = cfg.size or pipe.vae.config.sample_size
+    cache = out / "self_play.pt"
+    key = {"prompts": prompts, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "size": size}
+    losers = None
+    if cache.is_file():
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        if blob.get("key") == key:
+            losers = blob["images"]
+    if losers is None:
+        with torch.no_grad():
+            losers = torch.from_numpy(generate(reference, prompts, cfg.seed, cfg.steps, cfg.guidance, "", 16,
+                                               size))[:, None] * 2 - 1
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "images": losers}, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    return SelfPlay(latents_of(pipe, winners), latents_of(pipe, losers), prompts, len(prompts))
+
+
+def spin_round(pipe, opt, pairs: SelfPlay, reference, sched, cfg, it: int) -> dict:
+    """One self-play DPO step: a batch of (real film, own image) pairs of the same reports."""
+    rng = random.Random(cfg.seed * 1_000_003 + it)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+    idx = rng.sample(range(len(pairs.prompts)), min(cfg.prompts_per_iter * cfg.images_per_prompt,
+                                                    len(pairs.prompts)))
+    dev = pipe.unet.device
+    return dpo_step(pipe, opt, reference, sched, cfg, pairs.winners[idx].to(dev), pairs.losers[idx].to(dev),
+                    [pairs.prompts[i] for i in idx], gen)

@@ -60,8 +60,8 @@ def setup(cfg: AlignConfig, device: str):
 
     pipe, manifest = load_pipeline(cfg.model or DEFAULT_MODEL, device=device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    # RLCF's anchor and DPO's reference: the frozen starting model.
-    anchor = copy.deepcopy(pipe) if cfg.rlcf or cfg.method == "dpo" else None
+    # RLCF's anchor and DPO's / spin's reference: the frozen starting model.
+    anchor = copy.deepcopy(pipe) if cfg.rlcf or cfg.method in ("dpo", "spin") else None
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -230,12 +230,15 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     if opt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
-    fb, real, noise_sched = offline_data(cfg, pipe, out) if not on_policy else (None, [], None)
-    if cfg.method == "draft" and cfg.real_data:
+    fb, real, noise_sched = offline_data(cfg, pipe, out) if cfg.method in ("rwl", "dpo") else (None, [], None)
+    if cfg.method in ("draft", "spin") and cfg.real_data:
         real, noise_sched = draft_real_data(cfg, pipe)
+    pairs = offline.self_play(pipe, anchor, real, cfg, out) if cfg.method == "spin" else None
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     watch = Watch(cfg, pipe, reward_fn, params)
     start, images, seconds = load_state(out, params, opt, stats, watch)
+    if pairs is not None and start == 0:
+        images = pairs.images  # the losers were sampled for this run
     dcfg = ddpo.DDPOConfig(steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, clip_range=cfg.clip_range,
                            adv_clip=cfg.adv_clip, buffer=cfg.buffer, min_count=cfg.min_count,
                            inner_epochs=cfg.inner_epochs, timestep_fraction=cfg.timestep_fraction,
@@ -264,6 +267,9 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
         elif cfg.method == "rwl":
             with opt.autocast():
                 info = offline.rwl_round(pipe, opt, fb, real, noise_sched, cfg, it)
+        elif cfg.method == "spin":
+            with opt.autocast():
+                info = offline.spin_round(pipe, opt, pairs, anchor, noise_sched, cfg, it)
         else:
             with opt.autocast():
                 info = offline.dpo_round(pipe, opt, fb, anchor, noise_sched, cfg, it)
@@ -288,6 +294,8 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     opt.wait()
     selected = watch.restore_best() if watch.enabled else None
     extra = {"feedback_cursor": fb.cursor, "rated": len(fb.rated), "pairs": len(fb.pairs)} if fb else {}
+    if pairs is not None:
+        extra = {"pairs": len(pairs.prompts), "real_films": len(real), "losers": cfg.losers}
     evaluation = {"before": watch.probes[0], "after": watch.probes[-1], "selected_round": selected,
                   "early_stop": stopped or None} if watch.probes else {}
     if selected is not None:
@@ -298,10 +306,11 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
 
 
 def draft_real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
-    """draft --real-data: the real training images of the likelihood anchor and the training noise schedule."""
+    """draft / spin --real-data: the real training images (draft's likelihood anchor, spin's winners) and the
+    training noise schedule."""
     from diffusers import DDPMScheduler
 
-    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size)
+    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size, with_labels=cfg.method == "spin")
     if not real:
         raise ValueError(f"--real-data {cfg.real_data}: no training images")
     return real, DDPMScheduler.from_config(pipe.scheduler.config)

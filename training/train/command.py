@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_oversample(text: str, expected: str = "LABEL=K, e.g. 'Support Devices=4'") -> dict[str, int]:
+def parse_oversample(text: str, expected: str = "LABEL=K, e.g. 'Support Devices=4'",
+                     flag: str = "--oversample") -> dict[str, int]:
     """``"Support Devices=4,Lung Lesion=2"`` -> {"Support Devices": 4, "Lung Lesion": 2}."""
     out = {}
     for part in (x.strip() for x in text.split(",") if x.strip()):
@@ -62,7 +63,7 @@ def parse_oversample(text: str, expected: str = "LABEL=K, e.g. 'Support Devices=
                 raise ValueError
             out[label.strip()] = int(k)
         except ValueError:
-            raise ValueError(f"--oversample {part!r}: expected {expected}") from None
+            raise ValueError(f"{flag} {part!r}: expected {expected}") from None
     return out
 
 
