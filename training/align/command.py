@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "backpropagation through the last --draft-k steps; with --real-data, plus --draft-beta x the "
                                    "denoising loss of real images, an anchor to the data). From stored feedback "
                                    "(--feedback): rwl (reward-weighted likelihood on rated images plus --real-data) "
-                                   "or dpo (Diffusion-DPO on expert comparisons). spin: self-play Diffusion-DPO, real films of --real-data "
-                                   "(--real-oversample LABEL=K picks a finding's films K times as often) preferred to the "
-                                   "model's own images of their reports. LoRA adapters on the U-Net. Writes OUT/config.json, "
+                                   "or dpo (Diffusion-DPO on expert comparisons). From real films: spin, Diffusion-DPO preferring real films "
+                                   "of --real-data (--real-oversample LABEL=K picks a finding's films K times as often) to "
+                                   "the model's own images of their reports (--losers self) or to real films whose findings "
+                                   "disagree with them (--losers mismatched). LoRA adapters on the U-Net. Writes OUT/config.json, "
                                    "OUT/log.jsonl (reward per round, images sampled), OUT/state/ (resumable: run "
                                    "the same command again) and OUT/checkpoint/ (adapters fused; manifest names the "
                                    "parent, method, rewards and weights).")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-# on-policy (sample, reward, update), store-driven (rwl, dpo) and self-play on real films (spin)
+# on-policy (sample, reward, update), store-driven (rwl, dpo) and DPO on real films (spin)
 METHODS = ("ddpo", "draft", "rwl", "dpo", "spin")
 ON_POLICY = ("ddpo", "draft")
 LOSERS = ("self", "mismatched")  # spin's losers (AlignConfig.losers)
@@ -17,7 +17,8 @@ class AlignConfig:
     # -- what and from where --
     # ddpo (policy gradient over the DDIM trajectory), draft (reward backprop through the last K steps),
     # rwl (reward-weighted likelihood on stored rated images), dpo (Diffusion-DPO on stored comparisons),
-    # spin (self-play Diffusion-DPO: real films of --real-data preferred to the model's own images of their reports)
+    # spin (Diffusion-DPO preferring real films of --real-data to the model's own images of their reports, or with
+    # --losers mismatched to real films of other findings)
     method: str = "ddpo"
     out: str = ""  # run folder: config.json, log.jsonl, state/, checkpoint/
     model: str | None = None  # checkpoint to align (default: models/default)

@@ -188,7 +188,7 @@ def real_images(cfg, size: int, with_labels: bool = False) -> list:
 
 
 @dataclasses.dataclass
-class SelfPlay:
+class RealPairs:
     """spin's pairs, as latents: real films (winners) and, for each, a loser under the winner's report."""
 
     winners: torch.Tensor  # (N, C, h, w) latents of the real films
@@ -210,7 +210,7 @@ def mismatched(labels: torch.Tensor, seed: int) -> list[int]:
     return out
 
 
-def self_play(pipe, reference, real: list, cfg, out: Path) -> SelfPlay:
+def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
     """spin's pairs for the real films ``real`` ((image, prompt, labels) each). ``cfg.losers``:
 
     * "self" (SPIN-Diffusion): the reference model's image of every film's report (image i from seed
@@ -225,7 +225,7 @@ def self_play(pipe, reference, real: list, cfg, out: Path) -> SelfPlay:
     if cfg.losers == "mismatched":
         idx = mismatched(torch.stack([torch.as_tensor(lab) for _, _, lab in real]), cfg.seed)
         w = latents_of(pipe, winners)
-        return SelfPlay(w, w[idx].clone(), prompts, 0)
+        return RealPairs(w, w[idx].clone(), prompts, 0)
     from training.generation import generate
 
     size = cfg.size or pipe.vae.config.sample_size
@@ -233,9 +233,11 @@ def self_play(pipe, reference, real: list, cfg, out: Path) -> SelfPlay:
     key = {"prompts": prompts, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "size": size}
     losers = None
     if cache.is_file():
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        if blob.get("key") == key:
-            losers = blob["images"]
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+            losers = blob["images"] if blob.get("key") == key else None
+        except Exception:  # a truncated or foreign file: sample again and overwrite it
+            losers = None
     if losers is None:
         with torch.no_grad():
             losers = torch.from_numpy(generate(reference, prompts, cfg.seed, cfg.steps, cfg.guidance, "", 16,
@@ -243,11 +245,11 @@ def self_play(pipe, reference, real: list, cfg, out: Path) -> SelfPlay:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, "images": losers}, cache.with_suffix(".tmp"))
         cache.with_suffix(".tmp").replace(cache)
-    return SelfPlay(latents_of(pipe, winners), latents_of(pipe, losers), prompts, len(prompts))
+    return RealPairs(latents_of(pipe, winners), latents_of(pipe, losers), prompts, len(prompts))
 
 
-def spin_round(pipe, opt, pairs: SelfPlay, reference, sched, cfg, it: int) -> dict:
-    """One self-play DPO step: a batch of (real film, own image) pairs of the same reports."""
+def spin_round(pipe, opt, pairs: RealPairs, reference, sched, cfg, it: int) -> dict:
+    """One spin step: Diffusion-DPO on a batch of (real film, loser) pairs under the real films' reports."""
     rng = random.Random(cfg.seed * 1_000_003 + it)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
     idx = rng.sample(range(len(pairs.prompts)), min(cfg.prompts_per_iter * cfg.images_per_prompt,

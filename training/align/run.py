@@ -233,7 +233,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     fb, real, noise_sched = offline_data(cfg, pipe, out) if cfg.method in ("rwl", "dpo") else (None, [], None)
     if cfg.method in ("draft", "spin") and cfg.real_data:
         real, noise_sched = draft_real_data(cfg, pipe)
-    pairs = offline.self_play(pipe, anchor, real, cfg, out) if cfg.method == "spin" else None
+    pairs = offline.real_pairs(pipe, anchor, real, cfg, out) if cfg.method == "spin" else None
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     watch = Watch(cfg, pipe, reward_fn, params)
     start, images, seconds = load_state(out, params, opt, stats, watch)
