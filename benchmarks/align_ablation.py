@@ -159,6 +159,14 @@ def baseline_folder(path: str) -> Path:
     return folder
 
 
+def evaluate_command(out: str, model: str, data: str, judge: str, n_prompts: int) -> list[str]:
+    """The ablation's evaluation protocol: N test prompts of DATA plus the held-out prompts file, seed 0, no
+    augmentation experiment (benchmarks/rejudge.py runs the same)."""
+    return [sys.executable, "-m", "training.cli", "evaluate", "--out", out, "--model", model, "--data", data,
+            "--judge", judge, "--n-prompts", str(n_prompts), "--prompts-file", HELDOUT, "--augment-real", "0",
+            "--seed", "0"]
+
+
 def evaluate(name: str, model: Path, a) -> dict:
     out = REPO / a.runs / f"eval-{name}"
     if (out / "metrics.json").is_file():
@@ -172,9 +180,8 @@ def evaluate(name: str, model: Path, a) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(m, indent=1) + "\n")
         return m
-    run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(out.relative_to(REPO)), "--model", str(model),
-         "--data", a.eval_data, "--judge", a.judge, "--n-prompts", str(a.n_prompts), "--prompts-file", HELDOUT,
-         "--augment-real", "0", "--seed", "0"], REPO / a.runs / f"eval-{name}.log")
+    run(evaluate_command(str(out.relative_to(REPO)), str(model), a.eval_data, a.judge, a.n_prompts),
+        REPO / a.runs / f"eval-{name}.log")
     return json.loads((out / "metrics.json").read_text())
 
 

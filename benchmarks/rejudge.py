@@ -24,9 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from align_ablation import HELDOUT, evaluate_command  # noqa: E402
 from simulate import machine  # noqa: E402
-
-HELDOUT = "training/align/prompts/heldout.jsonl"
 
 
 def parse_model(text: str) -> tuple[str, str, str]:
@@ -45,9 +44,7 @@ def evaluate(model: str, folder: str, a) -> dict:
         return json.loads(kept.read_text())
     log = Path(folder) / f"evaluate-{Path(a.judge).name}.log"
     Path(folder).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "training.cli", "evaluate", "--out", folder, "--model", model, "--data", a.data,
-           "--judge", a.judge, "--n-prompts", str(a.n_prompts), "--prompts-file", HELDOUT, "--augment-real", "0",
-           "--seed", "0"]
+    cmd = evaluate_command(folder, model, a.data, a.judge, a.n_prompts)
     with open(log, "w") as f:
         if subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode:
             raise SystemExit(f"rejudge: cxrgen evaluate failed for {model}; see {log}")

@@ -232,7 +232,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
         (out / "config.json").write_text(cfg.to_json())
     fb, real, noise_sched = offline_data(cfg, pipe, out) if cfg.method in ("rwl", "dpo") else (None, [], None)
     if cfg.method in ("draft", "spin") and cfg.real_data:
-        real, noise_sched = draft_real_data(cfg, pipe)
+        real, noise_sched = real_data(cfg, pipe)
     pairs = offline.real_pairs(pipe, anchor, real, cfg, out) if cfg.method == "spin" else None
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     watch = Watch(cfg, pipe, reward_fn, params)
@@ -305,7 +305,7 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     return finish(pipe, cfg, out, lineage, versions, images, seconds, extra, evaluation)
 
 
-def draft_real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
+def real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
     """draft / spin --real-data: the real training images (draft's likelihood anchor, spin's winners) and the
     training noise schedule."""
     from diffusers import DDPMScheduler

@@ -205,13 +205,9 @@ class CXRJudge(nn.Module):
         return self.trunk(self.prepare(x))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.pooling == "avg":
-            h = self.features(x)
-            pooled = h
-        else:
-            fmap = _feature_map(self.trunk, self.arch, self.prepare(x))
-            h = fmap.mean((2, 3))
-            pooled = torch.cat([h, fmap.amax((2, 3))], dim=1)
+        fmap = _feature_map(self.trunk, self.arch, self.prepare(x))
+        h = fmap.mean((2, 3))  # = features(x)
+        pooled = torch.cat([h, fmap.amax((2, 3))], dim=1) if self.pooling == "avgmax" else h
         z = self.posture(h)
         return {"logits": self.findings(pooled), "posture": z * self.pose_std + self.pose_mean, "posture_z": z}
 
