@@ -104,6 +104,22 @@ def test_dpo_loss_sign():
     assert good < neutral < bad and neutral.item() == pytest.approx(math.log(2))
 
 
+def test_dpo_positive_charges_a_margin_won_by_losing_the_winner():
+    """Both errors up, the loser's more: plain DPO sees a margin and lowers the loss; DPO-Positive charges the
+    winner's rise and the same step now costs more than doing nothing. A winner denoised better than the
+    reference is never charged."""
+    ref = torch.tensor([1.0])
+    both_worse = (torch.tensor([1.2]), torch.tensor([1.5]), ref, ref)
+    neutral = dpo_loss(ref, ref, ref, ref, beta=10.0)
+    assert dpo_loss(*both_worse, beta=10.0) < neutral < dpo_loss(*both_worse, beta=10.0, positive=5.0)
+    better = (torch.tensor([0.8]), torch.tensor([1.5]), ref, ref)
+    assert torch.equal(dpo_loss(*better, beta=10.0), dpo_loss(*better, beta=10.0, positive=5.0))
+    from training.align.config import AlignConfig
+
+    with pytest.raises(ValueError, match="--dpo-positive"):
+        AlignConfig(out="x", prompts_file="p.txt", dpo_positive=-1.0).validate()
+
+
 @pytest.fixture(scope="module")
 def micro_pipe(tmp_path_factory):
     folder = micro_checkpoint(tmp_path_factory.mktemp("align") / "ckpt", "micro", reports=300)
@@ -451,7 +467,7 @@ def test_align_spin_prefers_real_films_to_its_own_images_and_resumes_without_res
     assert m.stage == "align:spin" and m.parent_version == "micro"
     assert m.config["pairs"] == 4 and m.metrics["images_sampled"] == 4 and m.metrics["rounds"] == 2
     blob = torch.load(tmp_path / "a" / "self_play.pt", weights_only=True)
-    assert blob["images"].shape == (4, 1, 32, 32) and len(blob["key"]["prompts"]) == 4
+    assert blob["value"].shape == (4, 1, 32, 32) and len(blob["key"]["prompts"]) == 4
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(0 <= r["reward"] <= 1 and math.isfinite(r["loss"]) for r in log)
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # adapters start at the reference: no margin yet
@@ -495,6 +511,75 @@ def test_align_spin_with_mismatched_real_losers_samples_nothing(micro_pipe, real
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
     with pytest.raises(ValueError, match="--losers"):
         _align_cfg(tmp_path, folder, "x", method="spin", real_data="r", losers="random").validate()
+
+
+def test_render_without_a_finding_keeps_every_other_draw(anat):
+    """A finding left out is still drawn, so the rest of the exam is the same: leaving out the last finding in
+    the simulator's order gives, pixel for pixel, the exam simulated without it; any finding left out is
+    missing from the ground truth and changes the film."""
+    from training.findings import Finding
+    from training.simulator.projector import Geometry, Pose
+    from training.simulator.render import Case, Imaging, render_case
+
+    def case(*findings):
+        return Case(findings, Geometry(view="AP"), Pose(inspiration=1.3), Imaging(), seed=11)
+
+    both = case(Finding("cardiomegaly", severity="moderate"), Finding("central_line", side="right"))
+    full, truth = render_case(anat, both, 64)
+    assert [t["kind"] for t in truth] == ["cardiomegaly", "central_line"]
+    no_line, truth = render_case(anat, both, 64, without=frozenset({"central_line"}))
+    assert [t["kind"] for t in truth] == ["cardiomegaly"]
+    alone, _ = render_case(anat, case(Finding("cardiomegaly", severity="moderate")), 64)
+    assert torch.equal(no_line, alone) and not torch.equal(no_line, full)
+    no_heart, truth = render_case(anat, both, 64, without=frozenset({"cardiomegaly"}))
+    assert [t["kind"] for t in truth] == ["central_line"] and not torch.equal(no_heart, full)
+    assert torch.equal(render_case(anat, both, 64, without=frozenset())[0], full)
+
+
+def test_counterfactual_films_are_the_exam_with_one_finding_changed(real_films):
+    """Winners are the data set's films drawn again (equal to the stored JPEGs up to their compression); each
+    loser differs from its winner by one finding taken away (or, for a normal exam, one added), chosen with the
+    --real-oversample weights."""
+    from training.align.offline import counterfactual_films
+    from training.data.mimic import LoaderConfig, MimicCXRDataset
+    from training.findings import KINDS
+
+    ds = MimicCXRDataset(LoaderConfig(root=real_films, split="train", size=64, return_ground_truth=True))
+    items = [ds[i] for i in range(len(ds))]
+    rows = [it["ground_truth"] for it in items]
+    w, lo, changes = counterfactual_films(rows, 0.5, 64, {"Support Devices": 1000}, seed=0)
+    assert w.shape == lo.shape == (len(rows), 1, 64, 64) and len(changes) == len(rows)
+    stored = torch.stack([it["image"] for it in items])
+    assert (w - stored).abs().mean() < 0.02  # the same films, re-rendered (JPEG quality 95 and resizing apart)
+    for row, change, a, b in zip(rows, changes, w, lo):
+        kinds = {f["kind"] for f in row["findings"]}
+        sign, kind = change[0], change[1:]
+        assert (sign == "-" and kind in kinds) or (sign == "+" and not kinds and kind in KINDS), (change, kinds)
+        if sign == "-" and kinds & {"endotracheal_tube", "central_line"}:
+            assert kind in ("endotracheal_tube", "central_line")  # devices weighted 1000x
+        assert (a - b).abs().max() > 0.01, change
+    again = counterfactual_films(rows, 0.5, 64, {"Support Devices": 1000}, seed=0)
+    assert torch.equal(again[1], lo) and again[2] == changes
+
+
+def test_align_spin_with_counterfactual_losers_renders_once(micro_pipe, real_films, tmp_path, monkeypatch):
+    import training.align.offline as offline
+    from training.align.run import align
+    from training.model.checkpoint import Manifest
+
+    _, folder = micro_pipe
+    kw = dict(method="spin", losers="counterfactual", real_data=str(real_films), prompts_file=None, limit=6,
+              dpo_beta=50.0)
+    ckpt = align(_align_cfg(tmp_path, folder, "cf", iterations=1, **kw), False)
+    m = Manifest.read(ckpt)
+    assert m.config["losers"] == "counterfactual" and m.config["pairs"] == 6 and m.metrics["images_sampled"] == 0
+    assert sum(m.config["changes"].values()) == 6 and all(k[0] in "+-" for k in m.config["changes"])
+    assert (tmp_path / "cf" / "counterfactual.pt").is_file()
+    monkeypatch.setattr(offline, "counterfactual_films", lambda *a, **k: pytest.fail("resumed run rendered again"))
+    ckpt = align(_align_cfg(tmp_path, folder, "cf", iterations=2, **kw), False)
+    assert Manifest.read(ckpt).metrics["rounds"] == 2
+    with pytest.raises(ValueError, match="ground_truth.jsonl"):
+        _align_cfg(tmp_path, folder, "x", method="spin", real_data=str(tmp_path), losers="counterfactual").validate()
 
 
 def test_real_oversample_picks_a_findings_films_first(real_films):

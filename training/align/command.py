@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or dpo (Diffusion-DPO on expert comparisons). From real films: spin, Diffusion-DPO preferring real films "
                                    "of --real-data (--real-oversample LABEL=K picks a finding's films K times as often) to "
                                    "the model's own images of their reports (--losers self) or to real films whose findings "
-                                   "disagree with them (--losers mismatched). LoRA adapters on the U-Net. Writes OUT/config.json, "
+                                   "disagree with them (--losers mismatched) or, for simulated films, to the same exam rendered without one of its "
+                                   "findings (--losers counterfactual). LoRA adapters on the U-Net. Writes OUT/config.json, "
                                    "OUT/log.jsonl (reward per round, images sampled), OUT/state/ (resumable: run "
                                    "the same command again) and OUT/checkpoint/ (adapters fused; manifest names the "
                                    "parent, method, rewards and weights).")
@@ -39,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, default=defaults.method, choices=METHODS)
         elif f.name == "losers":
             p.add_argument(flag, default=defaults.losers, choices=LOSERS,
-                           help="spin's losers: self (the model's own image of the report) or mismatched (a real "
-                                "film whose findings disagree with the report)")
+                           help="spin's losers: self (the model's own image of the report), mismatched (a real "
+                                "film whose findings disagree with the report) or counterfactual (simulated "
+                                "--real-data: the same exam rendered without one of its findings)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             if str(f.type).startswith("int | None"):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 # on-policy (sample, reward, update), store-driven (rwl, dpo) and DPO on real films (spin)
 METHODS = ("ddpo", "draft", "rwl", "dpo", "spin")
 ON_POLICY = ("ddpo", "draft")
-LOSERS = ("self", "mismatched")  # spin's losers (AlignConfig.losers)
+LOSERS = ("self", "mismatched", "counterfactual")  # spin's losers (AlignConfig.losers)
 
 
 @dataclasses.dataclass
@@ -35,12 +36,16 @@ class AlignConfig:
     # {CheXpert label: K}: a real film positive for the label is K times as likely to be picked (--limit films),
     # e.g. {"Support Devices": 4} for what the model draws too seldom
     real_oversample: dict = dataclasses.field(default_factory=dict)
-    # spin's losers: "self" (the starting model's own image of the winner's report: SPIN-Diffusion) or
+    # spin's losers: "self" (the starting model's own image of the winner's report: SPIN-Diffusion),
     # "mismatched" (another real film whose findings disagree with that report: the pair differs in conditioning only)
+    # or "counterfactual" (simulated --real-data: the same exam rendered without one of its findings)
     losers: str = "self"
     rwl_beta: float = 0.3  # rwl: weight of the real-data likelihood (Sun et al.)
     draft_beta: float = 0.3  # draft with --real-data: loss = -reward + draft_beta * L(real), the anchor to the data
     dpo_beta: float = 2000.0  # dpo / spin: KL strength (Wallace et al. use 2000-5000 for SD)
+    # dpo / spin: DPO-Positive's lambda (Pal et al. 2024): the preferred image's denoising error may not rise above
+    # the reference's without this much extra loss; 0 = plain Diffusion-DPO
+    dpo_positive: float = 0.0
     # CXRL's reward: a weighted sum of the CXR rewards (normalised to sum 1)
     weights: dict = dataclasses.field(default_factory=lambda: {"plausibility": 0.4, "posture": 0.2,
                                                                "diagnosis": 0.2, "consistency": 0.2})
@@ -102,6 +107,11 @@ class AlignConfig:
             raise ValueError("--method spin needs --real-data (the real films preferred to the model's own images)")
         if self.losers not in LOSERS:
             raise ValueError(f"--losers must be one of {', '.join(LOSERS)}, got {self.losers!r}")
+        if self.method == "spin" and self.losers == "counterfactual":
+            sim = Path(self.real_data)
+            if not (sim / "ground_truth.jsonl").is_file() or not (sim / "simulate_config.json").is_file():
+                raise ValueError(f"--losers counterfactual renders the exams of --real-data again: {self.real_data} "
+                                 "has no ground_truth.jsonl / simulate_config.json (it needs a cxrgen simulate folder)")
         from training.findings import check_oversample
 
         check_oversample(self.real_oversample, "--real-oversample")
@@ -119,6 +129,8 @@ class AlignConfig:
             raise ValueError("--eta must be > 0 for ddpo (a deterministic step has no log-probability)")
         if self.draft_beta < 0:
             raise ValueError(f"--draft-beta must be >= 0, got {self.draft_beta}")
+        if self.dpo_positive < 0:
+            raise ValueError(f"--dpo-positive must be >= 0, got {self.dpo_positive}")
         if self.method == "draft" and not 1 <= self.draft_k <= self.steps:
             raise ValueError(f"--draft-k must be in [1, --steps={self.steps}], got {self.draft_k}")
         if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:

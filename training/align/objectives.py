@@ -77,9 +77,13 @@ def rwl_loss(real_loss: torch.Tensor, generated_loss: torch.Tensor, rewards: tor
 
 
 def dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float = 2000.0) -> torch.Tensor:
+             beta: float = 2000.0, positive: float = 0.0) -> torch.Tensor:
     """Diffusion-DPO on per-sample denoising errors ||eps - eps_theta(x_t, t)||^2 of the preferred (w) and
     the other (l) image at the same t and noise, for the model and the frozen reference:
-    -log sigmoid(-beta / 2 * ((model_w - ref_w) - (model_l - ref_l))), averaged over pairs."""
-    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
+    -log sigmoid(-beta / 2 * ((model_w - ref_w) - (model_l - ref_l))), averaged over pairs.
+
+    ``positive`` (DPO-Positive, Pal et al. 2024): plus ``positive * max(0, model_w - ref_w)`` inside the
+    bracket, so the margin cannot be won by denoising the preferred image worse than the reference does (only
+    less worse than the other): plain DPO often lowers both images' likelihood, and the images with them."""
+    inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l) + positive * (model_w - ref_w).clamp(min=0))
     return -F.logsigmoid(inside).mean()

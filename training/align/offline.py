@@ -14,7 +14,9 @@ They learn from images already generated (and judged), not from fresh samples ea
   frozen starting model as the reference that keeps it close. ``--real-oversample 'Support Devices=4'``
   picks the films of a finding K times as often. ``--losers mismatched``: the loser is another real film
   whose findings disagree with the winner's report, so both images are real and the pair differs only in
-  what the report says (beyond the seed papers).
+  what the report says (beyond the seed papers). ``--losers counterfactual`` (simulated data): the winner is
+  the simulated exam rendered again, the loser the same exam rendered without one of its findings (a normal
+  exam: with one added), every other random draw kept, so the pair differs in that finding's pixels alone.
 
 L is the per-image denoising MSE at a random timestep (``errors``). Feedback comes from a store URL or an
 NDJSON export (imported into a scratch store in the run folder).
@@ -159,7 +161,7 @@ def dpo_step(pipe, opt, reference, sched, cfg, w: torch.Tensor, lo: torch.Tensor
         ref_emb = embed(reference, prompts)
         rw = errors(reference.unet, sched, w, ref_emb, t, noise)
         rl = errors(reference.unet, sched, lo, ref_emb, t, noise)
-    loss = dpo_loss(mw, ml, rw, rl, cfg.dpo_beta)
+    loss = dpo_loss(mw, ml, rw, rl, cfg.dpo_beta, cfg.dpo_positive)
     opt.backward(loss)
     opt.step()
     # Implicit reward accuracy: how often the model already prefers the winner more than the reference does.
@@ -167,13 +169,14 @@ def dpo_step(pipe, opt, reference, sched, cfg, w: torch.Tensor, lo: torch.Tensor
     return {"reward": acc, "loss": loss.item(), "winner_error": mw.mean().item(), "loser_error": ml.mean().item()}
 
 
-def real_images(cfg, size: int, with_labels: bool = False) -> list:
-    """(image (1, H, W) in [-1, 1], prompt[, labels (14,)]) of ``cfg.limit`` distinct films of the real training
-    split (``--real-data``): rwl's and draft's anchor term, spin's winners. With ``cfg.real_oversample``
-    ({label: K}) a film positive for a label is K times as likely to be picked."""
+def real_images(cfg, size: int, with_labels: bool = False, with_rows: bool = False) -> list:
+    """(image (1, H, W) in [-1, 1], prompt[, labels (14,)[, simulator row]]) of ``cfg.limit`` distinct films of the
+    real training split (``--real-data``): rwl's and draft's anchor term, spin's winners. With
+    ``cfg.real_oversample`` ({label: K}) a film positive for a label is K times as likely to be picked.
+    ``with_rows`` (simulated data): each film's ground_truth.jsonl object too (implies ``with_labels``)."""
     from training.data.mimic import LoaderConfig, MimicCXRDataset
 
-    ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size))
+    ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size, return_ground_truth=with_rows))
     rng = random.Random(cfg.seed)
     if getattr(cfg, "real_oversample", None):
         from training.evaluate.judge import oversample_indices
@@ -184,6 +187,8 @@ def real_images(cfg, size: int, with_labels: bool = False) -> list:
     else:
         idx = rng.sample(range(len(ds)), min(cfg.limit, len(ds)))
     samples = (ds[i] for i in idx)  # one decode per image
+    if with_rows:
+        return [(s["image"], s["prompt"], s["labels"], s["ground_truth"]) for s in samples]
     return [(s["image"], s["prompt"], s["labels"]) if with_labels else (s["image"], s["prompt"]) for s in samples]
 
 
@@ -195,6 +200,7 @@ class RealPairs:
     losers: torch.Tensor  # (N, C, h, w) latents of the losers
     prompts: list  # N report texts (the winners')
     images: int  # images sampled to make the losers (this run's share of images_sampled)
+    changes: dict = dataclasses.field(default_factory=dict)  # counterfactual: {"-kind" / "+kind": pairs}
 
 
 def mismatched(labels: torch.Tensor, seed: int) -> list[int]:
@@ -210,6 +216,61 @@ def mismatched(labels: torch.Tensor, seed: int) -> list[int]:
     return out
 
 
+def counterfactual_films(rows: list[dict], real_fraction: float, size: int, factors: dict | None,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Winners, losers ((N, 1, size, size) in [-1, 1]) and the change made, for simulated exams ``rows``
+    (ground_truth.jsonl objects of a data set simulated with ``real_fraction``).
+
+    Each exam is drawn again from its (seed, index) and rendered twice by the same code: as it was (the
+    winner), and without one of its findings (the loser: "-kind"); an exam with no finding gets one added
+    instead ("+kind"), so its normal report prefers the film without it. The finding is drawn (seeded) with
+    weight K for kinds that make a ``factors`` label ({label: K}, --real-oversample) positive, 1 otherwise.
+    Every other random draw (anatomy pose, exposure, noise, the other findings) is the same in both films."""
+    from training.findings import KINDS, Finding
+    from training.simulator.anatomy import load_anatomy
+    from training.simulator.render import render_case
+    from training.simulator.sampler import sample_case
+
+    anat = load_anatomy()
+    rng = random.Random(seed)
+    weight = lambda k: max([int((factors or {}).get(o, 1)) for o in KINDS[k].observations] or [1])  # noqa: E731
+    winners, losers, changes = [], [], []
+    for row in rows:
+        case = sample_case(int(row["seed"]), int(row["index"]), real_fraction).case
+        win, _ = render_case(anat, case, size)
+        kinds = sorted({f.kind for f in case.findings})
+        if kinds:
+            kind = rng.choices(kinds, [weight(k) for k in kinds])[0]
+            lose, _ = render_case(anat, case, size, without=frozenset({kind}))
+            changes.append("-" + kind)
+        else:
+            every = sorted(KINDS)
+            kind = rng.choices(every, [weight(k) for k in every])[0]
+            lose, _ = render_case(anat, dataclasses.replace(case, findings=(Finding(kind),)), size)
+            changes.append("+" + kind)
+        winners.append(win)
+        losers.append(lose)
+    as_batch = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
+    return as_batch(winners), as_batch(losers), changes
+
+
+def _cached(path: Path, key, make):
+    """``make()``'s tensors, kept in ``path`` with ``key``: reused when the key matches (a resumed run), made
+    again when the file is absent, foreign or unreadable."""
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("key") == key:
+                return blob["value"]
+        except Exception:  # a truncated or foreign file: make it again and overwrite it
+            pass
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
 def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
     """spin's pairs for the real films ``real`` ((image, prompt, labels) each). ``cfg.losers``:
 
@@ -219,32 +280,38 @@ def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
     * "mismatched": another real film whose findings disagree with the winner's (``mismatched``), under the
       winner's report. Both images are real, so the pair differs in what the report says, not in how real the
       image looks: it teaches the conditioning and leaves the look alone. No image is sampled.
+    * "counterfactual" (simulated --real-data; ``real`` items carry their ground-truth row): the exam rendered
+      again (winner) and without one of its findings (loser; ``counterfactual_films``), kept in
+      OUT/counterfactual.pt for a resumed run. Nothing is sampled.
     """
-    prompts = [p for _, p, _ in real]
-    winners = torch.stack([x for x, _, _ in real])
+    prompts = [r[1] for r in real]
+    size = cfg.size or pipe.vae.config.sample_size
+    if cfg.losers == "counterfactual":
+        import json
+
+        sim = json.loads((Path(cfg.real_data) / "simulate_config.json").read_text())
+        rows = [r[3] for r in real]
+        key = {"films": [(r["seed"], r["index"]) for r in rows], "size": size, "seed": cfg.seed,
+               "factors": cfg.real_oversample or {}, "real_fraction": sim.get("real_fraction", 0.5)}
+        w, lo, changes = _cached(out / "counterfactual.pt", key, lambda: counterfactual_films(
+            rows, key["real_fraction"], size, cfg.real_oversample, cfg.seed))
+        from collections import Counter
+
+        return RealPairs(latents_of(pipe, w), latents_of(pipe, lo), prompts, 0, dict(sorted(Counter(changes).items())))
+    winners = torch.stack([r[0] for r in real])
     if cfg.losers == "mismatched":
-        idx = mismatched(torch.stack([torch.as_tensor(lab) for _, _, lab in real]), cfg.seed)
+        idx = mismatched(torch.stack([torch.as_tensor(r[2]) for r in real]), cfg.seed)
         w = latents_of(pipe, winners)
         return RealPairs(w, w[idx].clone(), prompts, 0)
     from training.generation import generate
 
-    size = cfg.size or pipe.vae.config.sample_size
-    cache = out / "self_play.pt"
-    key = {"prompts": prompts, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "size": size}
-    losers = None
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
-            losers = blob["images"] if blob.get("key") == key else None
-        except Exception:  # a truncated or foreign file: sample again and overwrite it
-            losers = None
-    if losers is None:
+    def sample() -> torch.Tensor:
         with torch.no_grad():
-            losers = torch.from_numpy(generate(reference, prompts, cfg.seed, cfg.steps, cfg.guidance, "", 16,
-                                               size))[:, None] * 2 - 1
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "images": losers}, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
+            return torch.from_numpy(generate(reference, prompts, cfg.seed, cfg.steps, cfg.guidance, "", 16,
+                                             size))[:, None] * 2 - 1
+
+    key = {"prompts": prompts, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "size": size}
+    losers = _cached(out / "self_play.pt", key, sample)
     return RealPairs(latents_of(pipe, winners), latents_of(pipe, losers), prompts, len(prompts))
 
 

@@ -295,7 +295,8 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     selected = watch.restore_best() if watch.enabled else None
     extra = {"feedback_cursor": fb.cursor, "rated": len(fb.rated), "pairs": len(fb.pairs)} if fb else {}
     if pairs is not None:
-        extra = {"pairs": len(pairs.prompts), "real_films": len(real), "losers": cfg.losers}
+        extra = {"pairs": len(pairs.prompts), "real_films": len(real), "losers": cfg.losers,
+                 **({"changes": pairs.changes} if pairs.changes else {})}
     evaluation = {"before": watch.probes[0], "after": watch.probes[-1], "selected_round": selected,
                   "early_stop": stopped or None} if watch.probes else {}
     if selected is not None:
@@ -310,7 +311,8 @@ def real_data(cfg: AlignConfig, pipe) -> tuple[list, object]:
     training noise schedule."""
     from diffusers import DDPMScheduler
 
-    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size, with_labels=cfg.method == "spin")
+    real = offline.real_images(cfg, cfg.size or pipe.vae.config.sample_size, with_labels=cfg.method == "spin",
+                               with_rows=cfg.method == "spin" and cfg.losers == "counterfactual")
     if not real:
         raise ValueError(f"--real-data {cfg.real_data}: no training images")
     return real, DDPMScheduler.from_config(pipe.scheduler.config)

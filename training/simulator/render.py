@@ -118,15 +118,25 @@ ORDER = ["cardiomegaly", "edema", "consolidation", "pneumonia", "atelectasis", "
          "calcified_granuloma", "pneumothorax", "pleural_effusion", "endotracheal_tube", "central_line"]
 
 
-def insert_findings(anat: Anatomy, case: Case) -> tuple[pathology.Scene, list[dict]]:
+def insert_findings(anat: Anatomy, case: Case, without: frozenset[str] = frozenset()) -> tuple[pathology.Scene, list[dict]]:
     """Apply the case's findings; the returned scene's edit log holds every change (the
-    working volume itself is restored on return)."""
+    working volume itself is restored on return).
+
+    ``without``: kinds drawn but left out. Each is inserted (so it takes the same random draws) and its edits
+    undone at once, so every other finding is drawn exactly as in the full case: the same exam without those
+    findings (a counterfactual film; the findings after it see the volume without it, as they would)."""
     rng = random.Random(case.seed)
     truth = []
     with pathology.Scene(anat) as scene:
         for f in sorted(case.findings, key=lambda f: ORDER.index(f.kind)):
             f = complete(f, rng)
+            n = len(scene.edits)
             params = INSERTERS[f.kind](scene, f, rng, case)
+            if f.kind in without:
+                for box, old, _ in reversed(scene.edits[n:]):
+                    scene.hu[box] = old
+                del scene.edits[n:]
+                continue
             truth.append({**f.to_dict(), "params": params})
     return scene, truth
 
@@ -180,9 +190,10 @@ def display(log: torch.Tensor, im: Imaging, window: tuple[float, float], mm_per_
     return torch.sigmoid(5.5 * im.contrast * t)
 
 
-def render_case(anat: Anatomy, case: Case, px: int) -> tuple[torch.Tensor, list[dict]]:
-    """Render one case to a (px, px) float image in [0, 1] and the findings' ground truth."""
-    scene, truth = insert_findings(anat, case)
+def render_case(anat: Anatomy, case: Case, px: int, without: frozenset[str] = frozenset()) -> tuple[torch.Tensor, list[dict]]:
+    """Render one case to a (px, px) float image in [0, 1] and the findings' ground truth (``without``: kinds
+    left out, every other random draw kept: see ``insert_findings``)."""
+    scene, truth = insert_findings(anat, case, frozenset(without))
     stack = scene_stack(scene, case.imaging.bone)
     inner = max(px, 256)  # render at >= 256 and downsample: thin ribs do not alias at 128
     elastic = elastic_field(case.imaging.elastic_seed, case.imaging.elastic_mm)
