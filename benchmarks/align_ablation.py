@@ -37,8 +37,10 @@ from simulate import machine  # noqa: E402
 
 HELDOUT = "training/align/prompts/heldout.jsonl"
 # The ablation's starting model, tiny-cpu-v2.2: models/default until the winner (dpo-300+online2) was promoted
-# to tiny-cpu-v2.3. Taken from the commit before that promotion when the folder is not there.
-BASELINE, BASELINE_COMMIT = "runs/tiny-cpu-v2.2", "5033b33"
+# to tiny-cpu-v2.3. Taken from the commit before that promotion when the folder is not there; so is
+# tiny-cpu-v2.3 (the spin runs' start) from the promotion's commit.
+BASELINE = "runs/tiny-cpu-v2.2"
+FROM_GIT = {BASELINE: "5033b33", "runs/tiny-cpu-v2.3": "b5a87d6"}
 STORE = ["--feedback", "sqlite:///runs/feedback/store.db", "--feedback-blobs", "runs/feedback/blobs"]
 # Per method: its flags, then settings that override the common ones. Learning rates: ddpo's PPO step moves
 # the adapters least per round (ddpo-pytorch's 3e-4 assumes hundreds of rounds of 256 images; this CPU
@@ -87,12 +89,35 @@ METHODS = {
     "dpo-300+online": online_dpo("dpo-300+online", "dpo-300"),
     # ... and a third round: fresh comparisons of dpo-300+online's images, DPO against it
     "dpo-300+online2": online_dpo("dpo-300+online2", "dpo-300+online"),
+    # spin (Diffusion-DPO, real films of the evaluation set's train split as winners) with mismatched real losers,
+    # from tiny-cpu-v2.3 (the promoted dpo-300+online2), device films 4x; the panel guard stops it at step 100.
+    # Judged by the balanced judge: effusion ratio 0.83 -> 0.92, panel 0.461 -> 0.354 (benchmarks/rejudge.py)
+    "spin-mm": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "mismatched",
+                "--real-data", "{eval_data}", "--limit", "2048", "--real-oversample", "Support Devices=4",
+                "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
+                "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best"],
+    # ... then one online DPO round on the panel's comparisons of spin-mm's own images, against spin-mm as the
+    # reference: the plausibility the v2.3 rounds taught, taught again to the model spin moved
+    "spin-mm+online": online_dpo("spin-mm+online", "spin-mm"),
+    # spin-mm with DPO-Positive (lambda 10): the margin may not be won by denoising the real film worse than the
+    # reference does, the route by which spin-mm lost plausibility
+    "spin-mm-dpop": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "mismatched",
+                     "--real-data", "{eval_data}", "--limit", "2048", "--real-oversample", "Support Devices=4",
+                     "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
+                     "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best", "--dpo-positive", "10"],
+    # spin with counterfactual losers: the same simulated exam rendered without one of its findings (device
+    # removals weighted 4x, as device films are picked 4x), so each pair differs in one finding's pixels alone
+    "spin-cf": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "counterfactual",
+                "--real-data", "{eval_data}", "--limit", "1024", "--real-oversample", "Support Devices=4",
+                "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
+                "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best"],
 }
 # Runs that start from another's checkpoint (their --model {runs}/PARENT/checkpoint): name -> parent
-AFTER = {n: f[f.index("--model") + 1].split("/")[1] for n, f in METHODS.items() if "--model" in f}
+AFTER = {n: f[f.index("--model") + 1].split("/")[1] for n, f in METHODS.items()
+         if "--model" in f and f[f.index("--model") + 1].startswith("{runs}/")}
 # Runs that learn from fresh feedback on their parent's images: (training prompts, images per prompt, seed)
-ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000)}
-EXTRA = ("dpo-300", "dpo-900", *AFTER)  # longer or chained runs: not in the default set
+ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000), "spin-mm+online": (600, 2, 420000)}
+EXTRA = ("dpo-300", "dpo-900", "spin-mm", "spin-mm-dpop", "spin-cf", *AFTER)  # longer, chained or later runs: not in the default set
 # The issue's gates on the best method against the baseline: FID at most 10 % above, MS-SSIM within 0.05.
 FID_TOLERANCE, MS_SSIM_TOLERANCE = 0.10, 0.05
 
@@ -119,9 +144,10 @@ def align(name: str, a) -> Path:
         align(AFTER[name], a)
     if name in ONLINE:
         online_feedback(name, REPO / a.runs / AFTER[name] / "checkpoint", a)
-    own = [x.format(prompts_data=a.prompts_data, runs=a.runs) for x in METHODS[name]]
+    own = [x.format(prompts_data=a.prompts_data, eval_data=a.eval_data, runs=a.runs) for x in METHODS[name]]
     if "--model" not in own:  # from the baseline, not whatever models/default is now
         own += ["--model", a.baseline]
+    model_folder(own[own.index("--model") + 1])
     run([sys.executable, "-m", "training.cli", "align", "--out", str(out.relative_to(REPO)),
          "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
          "--eval-every", str(a.eval_every), "--eval-data", a.eval_data, "--eval-limit", "32",
@@ -148,12 +174,12 @@ def online_feedback(name: str, parent: Path, a) -> None:
         (fb / "rated.json").write_text(json.dumps({"generated": str(gen.relative_to(REPO))}) + "\n")
 
 
-def baseline_folder(path: str) -> Path:
-    """The baseline checkpoint; tiny-cpu-v2.2 is extracted from git history (BASELINE_COMMIT) if missing."""
+def model_folder(path: str) -> Path:
+    """A starting checkpoint; a model of FROM_GIT is extracted from its commit's models/default if missing."""
     folder = REPO / path
-    if not (folder / "cxrgen_manifest.json").is_file() and path == BASELINE:
+    if not (folder / "cxrgen_manifest.json").is_file() and path in FROM_GIT:
         folder.mkdir(parents=True, exist_ok=True)
-        tar = subprocess.run(["git", "archive", BASELINE_COMMIT, "models/default"], cwd=REPO, check=True,
+        tar = subprocess.run(["git", "archive", FROM_GIT[path], "models/default"], cwd=REPO, check=True,
                              capture_output=True).stdout
         subprocess.run(["tar", "-x", "--strip-components=2", "-C", str(folder)], input=tar, check=True)
     return folder
@@ -388,7 +414,7 @@ def main() -> int:
     a = p.parse_args()
     os.chdir(REPO)
     (REPO / a.runs).mkdir(parents=True, exist_ok=True)
-    baseline_folder(a.baseline)
+    model_folder(a.baseline)
     names = a.only.split(",") if a.only else [m for m in METHODS if m not in EXTRA]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
