@@ -336,14 +336,19 @@ class Engine:
         return list(zip(scores, agree))
 
     # 5. reload ---------------------------------------------------------------------------------
-    def reload(self, source: str) -> dict:
-        """Load ``source`` beside the serving model, then switch; on failure the old one keeps serving."""
+    def reload(self, source: str, follow: bool = False) -> dict:
+        """Load ``source`` beside the serving model, then switch; on failure the old one keeps serving.
+
+        ``follow``: the switch another worker made (read from active-model.json). A follower does not write the
+        file again: loading takes seconds, and a newer choice written meanwhile must not be overwritten by an
+        older one (the workers would all end on the older model); the next poll follows the newer one."""
         with self._reload_lock:
             previous = self.model
             # failure: nothing changed
             new = load_model(source, self.device, self.cfg.backend, self.cfg.triton_url, self.cfg.torch_compile)
             self.model = new
-            self._write_active(source)
+            if not follow:
+                self._write_active(source)
         if self.metrics:
             self.metrics.model_loaded(new.version, previous.version if previous else None)
         log.info("model reloaded: %s -> %s", previous.version if previous else None, new.version)
@@ -374,15 +379,19 @@ class Engine:
     def _watch(self) -> None:
         """Follow a reload done by another worker process (it rewrites active-model.json)."""
         while not self._stop.wait(self.cfg.reload_poll_s):
-            f = self._active_file()
-            try:
-                mtime = f.stat().st_mtime
-            except OSError:
-                continue
-            if mtime != self._active_mtime:
-                source = self._active_choice()
-                if source and (self.model is None or source != self.model.source):
-                    try:
-                        self.reload(source)
-                    except ModelLoadError as e:
-                        log.error("could not follow the model switch to %s: %s", source, e)
+            self._follow()
+
+    def _follow(self) -> None:
+        """One poll: if active-model.json changed since this worker last read or wrote it, switch to its model."""
+        f = self._active_file()
+        try:
+            mtime = f.stat().st_mtime
+        except OSError:
+            return
+        if mtime != self._active_mtime:
+            source = self._active_choice()
+            if source and (self.model is None or source != self.model.source):
+                try:
+                    self.reload(source, follow=True)
+                except ModelLoadError as e:
+                    log.error("could not follow the model switch to %s: %s", source, e)

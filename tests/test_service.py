@@ -542,3 +542,33 @@ def test_torch_compile_setting_reaches_the_torch_backend(monkeypatch, tmp_path):
     model = load_model(str(ckpt), "cpu", torch_compile=cfg.torch_compile)
     assert model.runner.compiled and isinstance(model.runner.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert not load_model(str(ckpt), "cpu").runner.compiled
+
+
+def test_a_worker_following_a_reload_never_overwrites_a_newer_choice(tmp_path, monkeypatch):
+    """Two workers share active-model.json. Worker B follows A's switch to v2; while B is still loading v2, A
+    switches to v3. B must not write v2 back over v3 (all workers would end on v2, as a CI run once saw), and
+    its next poll takes it to v3."""
+    import types
+
+    import service.engine as eng
+    from service.config import ServeConfig
+
+    a, b = (eng.Engine(ServeConfig(data_dir=str(tmp_path), device="cpu")) for _ in range(2))
+    loads = []
+
+    def fake_load(source, *args, **kw):
+        loads.append(source)
+        if source == "v2" and len(loads) == 2:  # B loading v2: A switches to v3 meanwhile
+            a.reload("v3")
+        return eng.Model(runner=types.SimpleNamespace(name="fake"), version=source, source=source, path=source,
+                         manifest={}, device="cpu", native_size=8, loaded_at=0.0)
+
+    monkeypatch.setattr(eng, "load_model", fake_load)
+    a.reload("v2")
+    b._follow()  # B reads v2 and loads it; A writes v3 during that load
+    assert loads == ["v2", "v2", "v3"] and a.model.source == "v3" and b.model.source == "v2"
+    assert json.loads((tmp_path / "active-model.json").read_text())["source"] == "v3"
+    b._follow()
+    assert b.model.source == "v3"
+    b._follow()  # nothing changed since: no reload
+    assert loads == ["v2", "v2", "v3", "v3"]
