@@ -53,6 +53,15 @@ def online_dpo(name: str, parent: str) -> list[str]:
             "--lr", "1e-3", "--iterations", "300", "--eval-every", "50"]
 
 
+def spin(losers: str, films: int) -> list[str]:
+    """Flags of a spin run from tiny-cpu-v2.3: FILMS films of the evaluation set's train split (device films 4x),
+    lr 1e-3, probed every 100 steps on 128 validation prompts, the judge guard at 0.05."""
+    return ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", losers, "--real-data", "{eval_data}",
+            "--limit", str(films), "--real-oversample", "Support Devices=4", "--steps", "25", "--lr", "1e-3",
+            "--iterations", "300", "--eval-every", "100", "--eval-limit", "128", "--judge-tolerance", "0.05",
+            "--no-keep-best"]
+
+
 METHODS = {
     "rwl": ["--method", "rwl", *STORE, "--real-data", "{prompts_data}", "--lr", "1e-3", "--iterations", "60"],
     "ddpo": ["--method", "ddpo", "--lr", "3e-3"],
@@ -92,25 +101,16 @@ METHODS = {
     # spin (Diffusion-DPO, real films of the evaluation set's train split as winners) with mismatched real losers,
     # from tiny-cpu-v2.3 (the promoted dpo-300+online2), device films 4x; the panel guard stops it at step 100.
     # Judged by the balanced judge: effusion ratio 0.83 -> 0.92, panel 0.461 -> 0.354 (benchmarks/rejudge.py)
-    "spin-mm": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "mismatched",
-                "--real-data", "{eval_data}", "--limit", "2048", "--real-oversample", "Support Devices=4",
-                "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
-                "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best"],
+    "spin-mm": spin("mismatched", 2048),
     # ... then one online DPO round on the panel's comparisons of spin-mm's own images, against spin-mm as the
     # reference: the plausibility the v2.3 rounds taught, taught again to the model spin moved
     "spin-mm+online": online_dpo("spin-mm+online", "spin-mm"),
     # spin-mm with DPO-Positive (lambda 10): the margin may not be won by denoising the real film worse than the
     # reference does, the route by which spin-mm lost plausibility
-    "spin-mm-dpop": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "mismatched",
-                     "--real-data", "{eval_data}", "--limit", "2048", "--real-oversample", "Support Devices=4",
-                     "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
-                     "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best", "--dpo-positive", "10"],
+    "spin-mm-dpop": spin("mismatched", 2048) + ["--dpo-positive", "10"],
     # spin with counterfactual losers: the same simulated exam rendered without one of its findings (device
     # removals weighted 4x, as device films are picked 4x), so each pair differs in one finding's pixels alone
-    "spin-cf": ["--model", "runs/tiny-cpu-v2.3", "--method", "spin", "--losers", "counterfactual",
-                "--real-data", "{eval_data}", "--limit", "1024", "--real-oversample", "Support Devices=4",
-                "--steps", "25", "--lr", "1e-3", "--iterations", "300", "--eval-every", "100",
-                "--eval-limit", "128", "--judge-tolerance", "0.05", "--no-keep-best"],
+    "spin-cf": spin("counterfactual", 1024),
 }
 # Runs that start from another's checkpoint (their --model {runs}/PARENT/checkpoint): name -> parent
 AFTER = {n: f[f.index("--model") + 1].split("/")[1] for n, f in METHODS.items()

@@ -55,9 +55,9 @@ def radial_power(images):
     return torch.arange(n + 1).double() / min(h, w), power
 
 
-def band_power(images, band: float) -> float:
-    """Power above ``band`` cycles / px (the fine scale)."""
-    f, p = radial_power(images)
+def band_power(images, band: float, spectrum=None) -> float:
+    """Power above ``band`` cycles / px (the fine scale); ``spectrum``: ``radial_power(images)`` when known."""
+    f, p = spectrum or radial_power(images)
     return float(p[f >= band].sum())
 
 
@@ -101,8 +101,8 @@ def main() -> int:
     import torch
 
     from training.evaluate.config import EvalConfig
-    from training.evaluate.harness import ImageSet, dataset, take
-    from training.evaluate.judge import auroc_per_finding, load_judge, predict
+    from training.evaluate.harness import dataset, judge_aurocs, take
+    from training.evaluate.judge import load_judge
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--eval", required=True, help="an evaluation folder (cxrgen evaluate --out) with generated/heldout.pt")
@@ -128,13 +128,11 @@ def main() -> int:
     size = gen.shape[-1]
     real, labels, _ = take(dataset(EvalConfig(out="/dev/null", data=str(REPO / a.data)), "test", size), n)
     judge = load_judge(REPO / a.judge)
-
-    def aurocs(images):
-        probs, lab, mask, _, _ = predict(judge, ImageSet(images, labels))
-        return auroc_per_finding(probs, lab, mask)
-
-    real_band = band_power(real, a.band)
-    gen_fraction = band_power(gen, a.band) / real_band
+    aurocs = lambda images: judge_aurocs(judge, images, labels)  # noqa: E731
+    f, pr = real_spectrum = radial_power(real)
+    _, pg = gen_spectrum = radial_power(gen)
+    real_band = band_power(real, a.band, real_spectrum)
+    gen_fraction = band_power(gen, a.band, gen_spectrum) / real_band
     rows = []
     for s in sigmas:
         b = blur(real, s)
@@ -142,8 +140,6 @@ def main() -> int:
         print(f"sigma {s}: fine power {rows[-1]['fine_power_fraction']:.3f}", flush=True)
     fractions = [r["fine_power_fraction"] for r in rows]
     s_match = matching_sigma(sigmas, fractions, gen_fraction)
-    f, pr = radial_power(real)
-    _, pg = radial_power(gen)
     gain = (pg / pr).clamp(max=1.0).sqrt()
     softened = soften(real, f, gain)
     matched = aurocs(softened)
