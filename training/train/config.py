@@ -88,6 +88,8 @@ class FinetuneConfig:
             raise ValueError(f"--vae-crop must be a multiple of 8 and >= 16, got {self.vae_crop}")
         if self.vae_decoder_only and "vae" not in self.train:
             raise ValueError("--vae-decoder-only finetunes the VAE's decoder: include vae in --train")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"--snr-gamma must be > 0 or off, got {self.snr_gamma}")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
         from ..findings import check_oversample
