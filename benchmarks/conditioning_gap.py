@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simulate import machine  # noqa: E402
+from simulate import machine, named_models  # noqa: E402
 
 KINDS = ("central_line", "endotracheal_tube", "nodule", "calcified_granuloma", "mass", "atelectasis",
          "pleural_effusion", "consolidation", "pneumothorax", "cardiomegaly")
@@ -71,11 +71,11 @@ def exam_pairs(data: Path, kinds, n: int, size: int) -> dict:
 def band_weights(sched, gamma: float) -> dict:
     """Share of the training loss per band: min-SNR (gamma) against plain MSE (uniform over timesteps)."""
     import torch
-    from diffusers.training_utils import compute_snr
+
+    from training.train.loop import min_snr_weight
 
     t = torch.arange(sched.config.num_train_timesteps)
-    snr = compute_snr(sched, t)
-    w = snr.clamp(max=gamma) / (snr if sched.config.prediction_type == "epsilon" else snr + 1)
+    w = min_snr_weight(sched, t, gamma)
     return {f"{lo}-{hi}": {"min_snr": float(w[lo:hi].sum() / w.sum()), "plain": (hi - lo) / len(t)}
             for lo, hi in BANDS}
 
@@ -126,27 +126,22 @@ def main() -> int:
     data = REPO / a.data
     if not (data / "ground_truth.jsonl").is_file() or not (data / "simulate_config.json").is_file():
         p.error(f"--data {a.data}: needs ground_truth.jsonl and simulate_config.json (a cxrgen simulate folder)")
-    models = []
-    for spec in a.models:
-        name, eq, folder = spec.partition("=")
-        if not eq or not name or not (REPO / folder).is_dir():
-            p.error(f"{spec!r}: expected NAME=MODEL with MODEL a pipeline folder")
-        models.append((name, folder))
+    models = named_models(p, a.models, REPO)
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     unknown = set(kinds) - set(KINDS)
     if unknown:
         p.error(f"--kinds: unknown {sorted(unknown)}; known: {', '.join(KINDS)}")
     torch.manual_seed(a.seed)
-    first, _ = load_pipeline(REPO / models[0][1])
-    size = first.vae.config.sample_size
+    first = load_pipeline(REPO / models[0][1])
+    size = first[0].vae.config.sample_size
     t0 = time.time()
     pairs = exam_pairs(data, kinds, a.n, size)
     print(f"rendered {sum(len(v[2]) for v in pairs.values())} exam pairs in {time.time() - t0:.0f} s", flush=True)
     result = {"benchmark": "conditioning_gap", "device": machine(), "data": a.data, "size": size, "n_per_kind": a.n,
-              "draws": a.draws, "seed": a.seed, "loss_share": band_weights(first.scheduler, a.snr_gamma),
+              "draws": a.draws, "seed": a.seed, "loss_share": band_weights(first[0].scheduler, a.snr_gamma),
               "snr_gamma": a.snr_gamma, "models": {}}
-    for name, folder in models:
-        pipe, manifest = load_pipeline(REPO / folder)
+    for i, (name, folder) in enumerate(models):
+        pipe, manifest = first if i == 0 else load_pipeline(REPO / folder)
         result["models"][name] = {"model": folder, "version": (manifest.version if manifest else None),
                                   "kinds": gaps(pipe, pairs, a.draws, a.seed)}
         print(f"\n{name} ({folder}): gap x1e3 (accuracy) per timestep band\n")

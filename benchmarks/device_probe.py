@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simulate import machine  # noqa: E402
+from simulate import machine, named_models  # noqa: E402
 
 
 def main() -> int:
@@ -41,12 +41,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--out", help="JSON file to add the results to")
     a = p.parse_args()
-    models = []
-    for spec in a.models:
-        name, eq, folder = spec.partition("=")
-        if not eq or not name or not (REPO / folder).is_dir():
-            p.error(f"{spec!r}: expected NAME=MODEL with MODEL a pipeline folder")
-        models.append((name, folder))
+    models = named_models(p, a.models, REPO)
     if not (REPO / a.judge).is_dir():
         p.error(f"--judge {a.judge}: no such folder")
     _, labels, rows = take(dataset(EvalConfig(out="/dev/null", data=str(REPO / a.data)), "test", a.size), a.n)

@@ -44,6 +44,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def named_models(parser: argparse.ArgumentParser, specs: list[str], repo: Path) -> list[tuple[str, str]]:
+    """[(name, folder)] of NAME=MODEL arguments (MODEL a folder relative to ``repo``); a malformed one or a
+    missing folder is ``parser``'s error (exit 2)."""
+    models = []
+    for spec in specs:
+        name, eq, folder = spec.partition("=")
+        if not eq or not name or not (repo / folder).is_dir():
+            parser.error(f"{spec!r}: expected NAME=MODEL with MODEL a pipeline folder")
+        models.append((name, folder))
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300)

@@ -172,12 +172,16 @@ def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str],
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
     if cfg.snr_gamma is None:
         return F.mse_loss(pred.float(), target.float())
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per * min_snr_weight(noise_sched, t, cfg.snr_gamma)).mean()
+
+
+def min_snr_weight(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma loss weight of timesteps ``t`` (Hang et al. 2023) for the scheduler's prediction type."""
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_sched, t)
-    w = torch.clamp(snr, max=cfg.snr_gamma) / (snr if noise_sched.config.prediction_type == "epsilon" else snr + 1)
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per * w).mean()
+    return torch.clamp(snr, max=gamma) / (snr if noise_sched.config.prediction_type == "epsilon" else snr + 1)
 
 
 def vae_loss(vae, images: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
