@@ -56,7 +56,7 @@ def unet_flops(pipe, size: int) -> float:
     """FLOPs of one U-Net call on one latent (torch's FLOP counter; 2 FLOPs per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    lat = size // 8
+    lat = size // pipe.vae_scale_factor
     z = torch.randn(1, pipe.unet.config.in_channels, lat, lat, device=pipe.device, dtype=pipe.unet.dtype)
     h = torch.randn(1, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim,
                     device=pipe.device, dtype=pipe.unet.dtype)

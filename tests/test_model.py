@@ -1,6 +1,7 @@
 """The generator's components and checkpoints, on tiny components (diffusers' testing habit)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ TEXTS = [
 MICRO = TinyModelConfig(image_size=32, vae_channels=(8, 8, 16, 16), unet_channels=(16, 32), unet_head_dim=4,
                         text_hidden=16, text_layers=1, text_heads=2, text_intermediate=32, max_length=16,
                         vocab_size=500)
+# the 4x-VAE layout (``--vae-factor 4``): three VAE blocks, an outer U-Net level without attention
+MICRO4 = TinyModelConfig(**{**MICRO.__dict__, "vae_channels": (8, 8, 16), "unet_channels": (16, 16, 32),
+                            "unet_attention": (False, True, False)})
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,44 @@ def test_tiny_pipeline_generates_grey_images(tokenizer):
     pipe.set_progress_bar_config(disable=True)
     img = generate(pipe)
     assert img.shape == (1, 32, 32, 1) and np.isfinite(img).all()
+
+
+def test_4x_vae_gives_a_latent_grid_twice_as_fine(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    pipe = build_pipeline(MICRO4, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    assert MICRO.vae_factor == 8 and MICRO4.vae_factor == 4 and pipe.vae_scale_factor == 4
+    assert pipe.vae.encode(torch.zeros(1, 1, 32, 32)).latent_dist.mode().shape == (1, 4, 8, 8)
+    assert pipe.unet.config.sample_size == 8
+    assert pipe.unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert pipe.unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    img = generate(pipe)
+    assert img.shape == (1, 32, 32, 1) and np.isfinite(img).all()
+    save_checkpoint(pipe, tmp_path / "ckpt", Manifest(version="t4", stage="init", config={}))
+    loaded, _ = load_pipeline(tmp_path / "ckpt")
+    assert loaded.vae_scale_factor == 4
+    np.testing.assert_allclose(generate(loaded), img, atol=1e-5)
+
+
+def test_default_layout_is_stable_diffusions(tokenizer):
+    from training.model.components import build_unet
+
+    unet = build_unet(MICRO)
+    assert unet.config.sample_size == 4  # 32 px / 8
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vae_channels": (8, 8)}, "vae_channels needs 4 entries"),
+    ({"vae_channels": (8, 8, 16, 16, 16)}, "vae_channels needs 4 entries"),
+    ({"image_size": 36}, "image_size must be a multiple of 8"),
+    ({"unet_attention": (True,)}, "unet_attention needs one entry per U-Net level (2)"),
+])
+def test_bad_model_configs_are_named(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TinyModelConfig(**{**MICRO.__dict__, **fields})
+    if "image_size" in fields:  # 36 px is fine on a 4x grid
+        assert TinyModelConfig(**{**MICRO4.__dict__, **fields}).image_size == 36
 
 
 def test_save_load_same_image_and_manifest(tokenizer, tmp_path):

@@ -114,6 +114,8 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--oversample", "Support Devices=0"], "must be an integer >= 1"),
     (["--init", "tiny", "--snr-gamma", "-1"], "--snr-gamma: expected a positive number or 'off'"),
     (["--init", "tiny", "--snr-gamma", "high"], "--snr-gamma: expected a positive number or 'off'"),
+    (["--model", "m", "--vae-factor", "4"], "--vae-factor builds a fresh model's VAE: use it with --init tiny"),
+    (["--init", "tiny", "--vae-factor", "2"], "invalid choice: 2"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),
@@ -132,6 +134,34 @@ def test_snr_gamma_flag(flag, gamma):
     c = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--init", "tiny", *flag]))
     assert c.snr_gamma == gamma
     c.validate()
+
+
+def test_vae_factor_picks_the_4x_layout_and_a_config_file_wins(tmp_path):
+    from training.model.components import VAE_FACTOR_PRESETS, TinyModelConfig
+    from training.train.command import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    base = ["train", "--data", "d", "--out", "o", "--init", "tiny"]
+    c = config_from_args(parser.parse_args([*base, "--vae-factor", "4"]))
+    assert c.model_config == VAE_FACTOR_PRESETS[4] and TinyModelConfig.from_dict(c.model_config).vae_factor == 4
+    assert config_from_args(parser.parse_args(base)).model_config == {}  # 8x, Stable Diffusion's
+    (tmp_path / "c.json").write_text(json.dumps({"model_config": {"unet_channels": [16, 32, 64]}}))
+    c = config_from_args(parser.parse_args([*base, "--vae-factor", "4", "--config", str(tmp_path / "c.json")]))
+    assert c.model_config["unet_channels"] == [16, 32, 64] and c.model_config["vae_channels"] == (32, 64, 128)
+    with pytest.raises(ValueError, match="unet_attention needs one entry per U-Net level"):
+        c.validate()  # the preset's 4 attention flags do not fit the file's 3 levels: named before any data loads
+
+
+def test_4x_vae_then_unet_on_cached_latents(data, tmp_path):
+    micro4 = {**MICRO, "vae_channels": [8, 8, 16], "unet_channels": [16, 16, 32],
+              "unet_attention": [False, True, False]}
+    train(cfg(data, tmp_path / "vae", init="tiny", model_config=micro4, train=("vae",)), progress=False)
+    folder = train(cfg(data, tmp_path / "unet", model=str(tmp_path / "vae" / "checkpoint"), cache_latents=True),
+                   progress=False)
+    pipe, _ = load_pipeline(folder)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
+    assert (tmp_path / "unet" / "samples" / "final.png").is_file()
 
 
 def test_plain_mse_weighs_low_noise_steps_fully(data, vae_run):

@@ -95,6 +95,10 @@ class FinetuneConfig:
         from ..findings import check_oversample
 
         check_oversample(self.oversample)
+        if self.init == "tiny":
+            from ..model.components import TinyModelConfig
+
+            TinyModelConfig.from_dict(self.model_config)  # a bad field or shape is named now, not after data loads
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
