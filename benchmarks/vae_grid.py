@@ -1,0 +1,127 @@
+"""What each autoencoder keeps of a finding (issue 8: the latent grid the U-Net draws on).
+
+For simulated exams with a finding of kind K, the same exam rendered with (x+) and without it (x-) (as
+``conditioning_gap.py`` draws them). For each VAE, per kind:
+
+* ``recon_mse_x1e3``: the round trip's pixel MSE on x+ (films in [-1, 1]);
+* ``finding_kept``: the share of the finding that survives the round trip, the projection
+  <r(x+) - r(x-), x+ - x-> / ||x+ - x-||^2 (1 = kept exactly, 0 = erased);
+* ``latent_energy_x1e3``: ||z+ - z-||^2 / var(z), the share of the latent the finding occupies (posterior means):
+  a finding far below the rest is a sub-cell perturbation the U-Net barely sees.
+
+Writes a results JSON and a figure (per VAE: films, round trips, the round trip's finding x4).
+
+Usage: python benchmarks/vae_grid.py NAME=MODEL [NAME=MODEL ...] [--data runs/sim-panel] [--n 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conditioning_gap import exam_pairs  # noqa: E402
+from simulate import machine, named_models  # noqa: E402
+
+KINDS = ("central_line", "endotracheal_tube", "nodule", "calcified_granuloma", "mass", "pleural_effusion",
+         "pneumothorax")
+
+
+def kept(rp, rm, xp, xm) -> float:
+    """The share of the finding x+ - x- that the round trip's difference r(x+) - r(x-) keeps."""
+    d = xp - xm
+    return float(((rp - rm) * d).sum() / (d * d).sum().clamp_min(1e-12))
+
+
+def measure(vae, pairs: dict) -> dict:
+    import torch
+
+    from training.model.components import to_model_channels, vae_roundtrip
+
+    def z(x):
+        return torch.cat([vae.encode(to_model_channels(c, vae.config.in_channels)).latent_dist.mode()
+                          for c in x.split(32)])
+
+    out = {}
+    with torch.no_grad():
+        for kind, (xp, xm, _) in pairs.items():
+            rp, rm = vae_roundtrip(vae, xp), vae_roundtrip(vae, xm)
+            zp, zm = z(xp), z(xm)
+            out[kind] = {"n": len(xp), "recon_mse_x1e3": float(((rp - xp) ** 2).mean() * 1e3),
+                         "finding_kept": kept(rp, rm, xp, xm),
+                         "latent_energy_x1e3": float(((zp - zm) ** 2).mean() / zp.var() * 1e3),
+                         "latent_grid": list(zp.shape[-2:])}
+    return out
+
+
+def figure(vaes: dict, xp, xm, path: Path, k: int = 4) -> None:
+    """Rows: films with the finding, then per VAE its round trips and their finding (x4, mid-grey = 0)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from training.model.components import vae_roundtrip
+
+    rows, labels = [xp[:k]], ["film"]
+    for name, vae in vaes.items():
+        with torch.no_grad():
+            rp, rm = vae_roundtrip(vae, xp[:k]), vae_roundtrip(vae, xm[:k])
+        rows += [rp, (rp - rm) * 4]
+        labels += [f"{name} round trip", f"{name} finding x4"]
+    grid = torch.cat([torch.cat(list(r[:, 0].clamp(-1, 1)), 1) for r in rows], 0)
+    img = Image.fromarray(((grid + 1) * 127.5).round().byte().numpy())
+    draw = ImageDraw.Draw(img)
+    side = xp.shape[-1]
+    for i, label in enumerate(labels):
+        draw.text((3, i * side + 2), label, fill=255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def main() -> int:
+    from training.model.checkpoint import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", metavar="NAME=MODEL", help="pipeline folders whose VAEs to measure")
+    p.add_argument("--data", default="runs/sim-panel", help="a simulated folder (cxrgen simulate --out)")
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--n", type=int, default=40, help="exams per kind")
+    p.add_argument("--figure-kind", default="central_line", help="the finding shown in the figure")
+    p.add_argument("--figure", default="docs/vae_grid.png")
+    p.add_argument("--out", default="benchmarks/results/vae-grid-cpu.json")
+    args = p.parse_args()
+    models = named_models(p, args.models, REPO)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+
+    vaes, versions = {}, {}
+    for name, folder in models:
+        pipe, manifest = load_pipeline(REPO / folder)
+        vaes[name], versions[name] = pipe.vae.eval(), (manifest.version if manifest else None)
+    size = next(iter(vaes.values())).config.sample_size
+    t0 = time.time()
+    pairs = exam_pairs(Path(args.data), kinds, args.n, size)
+    res = {name: measure(vae, pairs) for name, vae in vaes.items()}
+    if args.figure and args.figure_kind in pairs:
+        xp, xm, _ = pairs[args.figure_kind]
+        figure(vaes, xp, xm, REPO / args.figure)
+    out = {"benchmark": "vae_grid", "machine": machine(), "data": args.data, "n": args.n, "size": size,
+           "models": {n: {"model": f, "version": versions[n]} for n, f in models},
+           "seconds": round(time.time() - t0, 1), "results": res}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print("| finding | " + " | ".join(f"{n}: recon MSE x1e-3 / kept / latent energy x1e-3" for n in res) + " |")
+    print("|---|" + "---|" * len(res))
+    for kind in pairs:
+        print(f"| {kind} | " + " | ".join(
+            f"{r[kind]['recon_mse_x1e3']:.2f} / {r[kind]['finding_kept']:.2f} / {r[kind]['latent_energy_x1e3']:.2f}"
+            for r in res.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
