@@ -9,9 +9,14 @@ For simulated exams with a finding of kind K, the same exam rendered with (x+) a
 * ``latent_energy_x1e3``: ||z+ - z-||^2 / var(z), the share of the latent the finding occupies (posterior means):
   a finding far below the rest is a sub-cell perturbation the U-Net barely sees.
 
+With ``--judge``, also the evaluation judge's AUROC per finding on the first ``--eval-n`` real test films of
+``--eval-data`` and on each VAE's round trips of them (what ``cxrgen evaluate`` reports as ``judge_auroc_vae``):
+can the judge still see the finding after the autoencoder?
+
 Writes a results JSON and a figure (per VAE: films, round trips, the round trip's finding x4).
 
 Usage: python benchmarks/vae_grid.py NAME=MODEL [NAME=MODEL ...] [--data runs/sim-panel] [--n 40]
+                                     [--judge runs/judge-bal --eval-data runs/sim256-judge --eval-n 600]
 """
 
 from __future__ import annotations
@@ -83,6 +88,19 @@ def figure(vaes: dict, xp, xm, path: Path, k: int = 4) -> None:
     img.save(path)
 
 
+def judged(judge, vaes: dict, data: str, n: int, size: int) -> dict:
+    """The judge's AUROC per finding on real test films and on each VAE's round trips of them."""
+    from training.evaluate.config import EvalConfig
+    from training.evaluate.harness import dataset, judge_aurocs, take
+    from training.model.components import vae_roundtrip
+
+    images, labels, _ = take(dataset(EvalConfig(out="/dev/null", data=data), "test", size), n)
+    out = {"n": len(images), "real": judge_aurocs(judge, images, labels)}
+    for name, vae in vaes.items():
+        out[name] = judge_aurocs(judge, vae_roundtrip(vae, images), labels)
+    return out
+
+
 def main() -> int:
     from training.model.checkpoint import load_pipeline
 
@@ -93,9 +111,14 @@ def main() -> int:
     p.add_argument("--n", type=int, default=40, help="exams per kind")
     p.add_argument("--figure-kind", default="central_line", help="the finding shown in the figure")
     p.add_argument("--figure", default="docs/vae_grid.png")
+    p.add_argument("--judge", help="an evaluation judge folder: also its AUROC on real films and round trips")
+    p.add_argument("--eval-data", default="runs/sim256-judge", help="with --judge: the folder whose test split it reads")
+    p.add_argument("--eval-n", type=int, default=600, help="with --judge: test films (cxrgen evaluate's --n-prompts)")
     p.add_argument("--out", default="benchmarks/results/vae-grid-cpu.json")
     args = p.parse_args()
     models = named_models(p, args.models, REPO)
+    if args.judge and not (REPO / args.judge).is_dir():
+        p.error(f"--judge {args.judge}: no such folder")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
 
     vaes, versions = {}, {}
@@ -109,17 +132,30 @@ def main() -> int:
     if args.figure and args.figure_kind in pairs:
         xp, xm, _ = pairs[args.figure_kind]
         figure(vaes, xp, xm, REPO / args.figure)
+    judge = None
+    if args.judge:
+        from training.evaluate.judge import load_judge
+
+        judge = judged(load_judge(REPO / args.judge), vaes, str(REPO / args.eval_data), args.eval_n, size)
     out = {"benchmark": "vae_grid", "machine": machine(), "data": args.data, "n": args.n, "size": size,
            "models": {n: {"model": f, "version": versions[n]} for n, f in models},
            "seconds": round(time.time() - t0, 1), "results": res}
+    if judge is not None:
+        out["judge"] = {"judge": args.judge, "data": args.eval_data, **judge}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    from training.artifacts import jsonable
+
+    Path(args.out).write_text(json.dumps(jsonable(out), indent=2) + "\n")
     print("| finding | " + " | ".join(f"{n}: recon MSE x1e-3 / kept / latent energy x1e-3" for n in res) + " |")
     print("|---|" + "---|" * len(res))
     for kind in pairs:
         print(f"| {kind} | " + " | ".join(
             f"{r[kind]['recon_mse_x1e3']:.2f} / {r[kind]['finding_kept']:.2f} / {r[kind]['latent_energy_x1e3']:.2f}"
             for r in res.values()) + " |")
+    if judge is not None:
+        print(f"\njudge AUROC on {judge['n']} test films: real / " + " / ".join(vaes) + " round trips")
+        for k, v in judge["real"].items():
+            print(f"| {k} | {v:.3f} | " + " | ".join(f"{judge[n][k]:.3f}" for n in vaes) + " |")
     return 0
 
 

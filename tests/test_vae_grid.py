@@ -43,3 +43,19 @@ def test_measure_reports_each_kind_on_the_vaes_grid(channels, grid):
     assert r["recon_mse_x1e3"] > 0 and r["latent_energy_x1e3"] > 0
     same = vae_grid.measure(vae, {"none": (xm, xm, ["none"] * 3)})["none"]
     assert same["latent_energy_x1e3"] == 0.0
+
+
+def test_judged_scores_real_films_and_each_round_trip(tmp_path):
+    import math
+
+    from training.evaluate.judge import CXRJudge
+    from training.model.components import build_vae
+    from training.simulator.dataset import SimulateConfig, simulate
+
+    simulate(SimulateConfig(out=str(tmp_path / "sim"), n=24, size=128, seed=5, workers=1), progress=False)
+    torch.manual_seed(0)
+    vaes = {"8x": build_vae(MICRO).eval(), "4x": build_vae(dataclasses.replace(MICRO, vae_channels=(8, 8, 16))).eval()}
+    out = vae_grid.judged(CXRJudge("resnet18", 32).eval(), vaes, str(tmp_path / "sim"), 8, 32)
+    assert set(out) == {"n", "real", "8x", "4x"} and 0 < out["n"] <= 8
+    assert set(out["8x"]) == set(out["real"]) == set(out["4x"])
+    assert all(math.isnan(v) or 0 <= v <= 1 for r in ("real", "8x", "4x") for v in out[r].values())

@@ -31,7 +31,7 @@ class TinyModelConfig:
     vae_layers_per_block: int = 1
     unet_channels: tuple[int, ...] = (32, 64, 128)  # 16x16 latents -> 8 -> 4; 3.2M params, ~0.7 s/step on 2 CPU cores
     # per U-Net level: a transformer block (self- and cross-attention on the text) or plain ResNet blocks;
-    # () = every level but the deepest (SD's layout). Self-attention on a 32 x 32 grid costs 9x the step.
+    # () = every level but the deepest (SD's layout). Self-attention on a 32 x 32 grid is costly (VAE_FACTOR_PRESETS).
     unet_attention: tuple[bool, ...] = ()
     unet_layers_per_block: int = 1
     unet_head_dim: int = 8  # attention head dimension
