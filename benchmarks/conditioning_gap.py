@@ -80,6 +80,12 @@ def band_weights(sched, gamma: float) -> dict:
             for lo, hi in BANDS}
 
 
+def latent_energy_x1e3(zp, zm) -> float:
+    """||z+ - z-||^2 / var(z+) x 1e3: the share of the latent a finding occupies (scale-free, so latents of any
+    scaling factor or grid compare)."""
+    return float(((zp - zm) ** 2).mean() / zp.var() * 1e3)
+
+
 def gaps(pipe, pairs: dict, draws: int, seed: int) -> dict:
     import torch
 
@@ -104,7 +110,7 @@ def gaps(pipe, pairs: dict, draws: int, seed: int) -> dict:
                                        "gap_se_x1e3": float(d.std() / len(d) ** 0.5 * 1e3),
                                        "accuracy": float((d > 0).float().mean())}
             res[kind] = {"n": len(prompts), "pixel_mse_x1e3": float(((xp - xm) ** 2).mean() * 1e3),
-                         "latent_energy_x1e3": float(((zp - zm) ** 2).mean() / zp.var() * 1e3), "bands": bands}
+                         "latent_energy_x1e3": latent_energy_x1e3(zp, zm), "bands": bands}
     return res
 
 

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conditioning_gap import exam_pairs  # noqa: E402
+from conditioning_gap import exam_pairs, latent_energy_x1e3  # noqa: E402
 from simulate import machine, named_models  # noqa: E402
 
 KINDS = ("central_line", "endotracheal_tube", "nodule", "calcified_granuloma", "mass", "pleural_effusion",
@@ -60,7 +60,7 @@ def measure(vae, pairs: dict) -> dict:
             zp, zm = z(xp), z(xm)
             out[kind] = {"n": len(xp), "recon_mse_x1e3": float(((rp - xp) ** 2).mean() * 1e3),
                          "finding_kept": kept(rp, rm, xp, xm),
-                         "latent_energy_x1e3": float(((zp - zm) ** 2).mean() / zp.var() * 1e3),
+                         "latent_energy_x1e3": latent_energy_x1e3(zp, zm),
                          "latent_grid": list(zp.shape[-2:])}
     return out
 
