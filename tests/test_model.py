@@ -84,12 +84,60 @@ def test_default_layout_is_stable_diffusions(tokenizer):
     ({"vae_channels": (8, 8, 16, 16, 16)}, "vae_channels needs 4 entries"),
     ({"image_size": 36}, "image_size must be a multiple of 8"),
     ({"unet_attention": (True,)}, "unet_attention needs one entry per U-Net level (2)"),
+    ({"unet_attention": ("cross", "sparse")}, "one of ['none', 'full', 'cross'] (or true / false), got 'sparse'"),
 ])
 def test_bad_model_configs_are_named(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TinyModelConfig(**{**MICRO.__dict__, **fields})
     if "image_size" in fields:  # 36 px is fine on a 4x grid
         assert TinyModelConfig(**{**MICRO4.__dict__, **fields}).image_size == 36
+
+
+def test_cross_only_level_attends_to_the_text_alone(tokenizer):
+    from training.model.components import build_unet, unet_layout
+
+    unet = build_unet(TinyModelConfig(**{**MICRO4.__dict__, "unet_channels": (8, 32, 32),
+                                         "unet_attention": ("cross", "full", "none")}))
+    assert unet_layout(unet) == ("cross", "full", "none")
+    outer, inner = unet.down_blocks[0].attentions[0], unet.down_blocks[1].attentions[0]
+    block = outer.transformer_blocks[0]
+    assert block.only_cross_attention and block.attn1.to_k.in_features == MICRO.text_hidden == 16  # the text
+    assert not inner.transformer_blocks[0].only_cross_attention
+    assert inner.transformer_blocks[0].attn1.to_k.in_features == 32  # self-attention on the level's features
+    assert unet_layout(build_unet(MICRO4)) == ("none", "full", "none")  # booleans read as full / none
+
+
+def test_relayout_adds_attention_as_identity_and_keeps_the_rest(tokenizer):
+    from training.model.components import build_unet, relayout_unet, unet_layout
+
+    torch.manual_seed(0)
+    unet = build_unet(MICRO4).eval()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 16, MICRO.text_hidden)
+    with torch.no_grad():
+        before = unet(x, t, text).sample
+        grown = relayout_unet(unet, ("cross", "full", "none")).eval()
+        after = grown(x, t, text).sample
+    assert unet_layout(grown) == ("cross", "full", "none") and unet_layout(unet) == ("none", "full", "none")
+    torch.testing.assert_close(after, before)  # the new attention starts as the identity
+    old = unet.state_dict()
+    for k, v in grown.state_dict().items():  # everything else carried over, the new block's inside is random
+        if k in old:
+            assert torch.equal(v, old[k]), k
+    new = [k for k in grown.state_dict() if k not in old]
+    assert new and all(k.startswith(("down_blocks.0.attentions.", "up_blocks.2.attentions.")) for k in new)
+    # the new block trains: its output projection gets a gradient and then changes the prediction
+    grown.train()
+    grown(x, t, text).sample.square().mean().backward()
+    assert grown.down_blocks[0].attentions[0].proj_out.weight.grad.abs().sum() > 0
+    # a level that changes kind (full -> cross) starts again as the identity; its ResNet blocks are kept
+    swapped = relayout_unet(unet, ("none", "cross", "none"))
+    for blocks in (swapped.down_blocks[1], swapped.up_blocks[1]):
+        assert not blocks.attentions[0].proj_out.weight.any() and blocks.attentions[0].transformer_blocks[0].only_cross_attention
+    assert torch.equal(swapped.down_blocks[1].resnets[0].conv1.weight, unet.down_blocks[1].resnets[0].conv1.weight)
+    with pytest.raises(ValueError, match=re.escape("--unet-attention needs one entry per U-Net level (3), got 2")):
+        relayout_unet(unet, ("cross", "full"))
+    with pytest.raises(ValueError, match="got 'self'"):
+        relayout_unet(unet, ("self", "full", "none"))
 
 
 def test_save_load_same_image_and_manifest(tokenizer, tmp_path):

@@ -116,6 +116,8 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--snr-gamma", "high"], "--snr-gamma: expected a positive number or 'off'"),
     (["--model", "m", "--vae-factor", "4"], "--vae-factor builds a fresh model's VAE: use it with --init tiny"),
     (["--init", "tiny", "--vae-factor", "2"], "invalid choice: 2"),
+    (["--init", "tiny", "--unet-attention", "cross,sparse"], "(or true / false), got 'sparse'"),
+    (["--init", "tiny", "--unet-attention", "cross"], "unet_attention needs one entry per U-Net level (3), got 1"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),
@@ -162,6 +164,24 @@ def test_4x_vae_then_unet_on_cached_latents(data, tmp_path):
     pipe, _ = load_pipeline(folder)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
     assert (tmp_path / "unet" / "samples" / "final.png").is_file()
+    # --unet-attention on a trained model: cross-attention on the text added at the outer 8 x 8 level, trained, saved,
+    # resumed (the state loads onto the relaid-out U-Net); the manifest records the new layout
+    from training.model.components import unet_layout
+
+    grow = dict(model=str(folder), cache_latents=True, unet_attention=("cross", "full", "none"), checkpoint_every=1)
+    train(cfg(data, tmp_path / "grow", steps=1, **grow), progress=False)
+    grown = train(cfg(data, tmp_path / "grow", steps=2, **grow), progress=False)
+    pipe2, manifest = load_pipeline(grown)
+    assert unet_layout(pipe2.unet) == ("cross", "full", "none") and unet_layout(pipe.unet) == ("none", "full", "none")
+    assert pipe2.unet.down_blocks[0].attentions[0].proj_out.weight.abs().sum() > 0  # it trained
+    assert list(manifest.config["model"]["only_cross_attention"]) == [True, False, False]
+    assert [json.loads(x)["step"] for x in (tmp_path / "grow" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "grow" / "config.json").read_text())["unet_attention"] == ["cross", "full", "none"]
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out",
+                           str(tmp_path / "bad"), "--model", str(folder), "--unet-attention", "cross,full",
+                           "--num-workers", "0", "--steps", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--unet-attention needs one entry per U-Net level (3), got 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_plain_mse_weighs_low_noise_steps_fully(data, vae_run):

@@ -30,9 +30,11 @@ class TinyModelConfig:
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)
     vae_layers_per_block: int = 1
     unet_channels: tuple[int, ...] = (32, 64, 128)  # 16x16 latents -> 8 -> 4; 3.2M params, ~0.7 s/step on 2 CPU cores
-    # per U-Net level: a transformer block (self- and cross-attention on the text) or plain ResNet blocks;
-    # () = every level but the deepest (SD's layout). Self-attention on a 32 x 32 grid is costly (VAE_FACTOR_PRESETS).
-    unet_attention: tuple[bool, ...] = ()
+    # per U-Net level, one of ATTENTION_KINDS (or a bool: True = "full", False = "none"): "full" a transformer
+    # block (self- and cross-attention on the text), "cross" one whose attention layers all attend to the text (no
+    # self-attention: cheap on a fine grid), "none" plain ResNet blocks; () = "full" at every level but the
+    # deepest (SD's layout). Self-attention on a 32 x 32 grid is costly (VAE_FACTOR_PRESETS).
+    unet_attention: tuple[bool | str, ...] = ()
     unet_layers_per_block: int = 1
     unet_head_dim: int = 8  # attention head dimension
     text_hidden: int = 128  # CLIP text width (= U-Net cross-attention dim)
@@ -53,6 +55,8 @@ class TinyModelConfig:
         if self.unet_attention and len(self.unet_attention) != len(self.unet_channels):
             raise ValueError(f"unet_attention needs one entry per U-Net level ({len(self.unet_channels)}), "
                              f"got {len(self.unet_attention)}")
+        for a in self.unet_attention:
+            attention_kind(a)
 
     @property
     def vae_factor(self) -> int:
@@ -60,9 +64,10 @@ class TinyModelConfig:
         return 2 ** (len(self.vae_channels) - 1)
 
     @property
-    def attention_levels(self) -> tuple[bool, ...]:
+    def attention_levels(self) -> tuple[str, ...]:
+        """One of ATTENTION_KINDS per U-Net level, outermost (finest) first."""
         n = len(self.unet_channels)
-        return tuple(bool(a) for a in self.unet_attention) or (True,) * (n - 1) + (False,)
+        return tuple(attention_kind(a) for a in self.unet_attention) or ("full",) * (n - 1) + ("none",)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyModelConfig":
@@ -71,6 +76,19 @@ class TinyModelConfig:
         if unknown:
             raise ValueError(f"unknown model config field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+ATTENTION_KINDS = ("none", "full", "cross")
+
+
+def attention_kind(value: bool | str) -> str:
+    """A U-Net level's attention as one of ATTENTION_KINDS (True / False read as "full" / "none")."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in ATTENTION_KINDS:
+        raise ValueError(f"U-Net attention per level is one of {list(ATTENTION_KINDS)} (or true / false), "
+                         f"got {value!r}")
+    return value
 
 
 # ``--vae-factor``: TinyModelConfig fields for each latent grid. The 4x model keeps the 8x model's U-Net below a new
@@ -124,16 +142,66 @@ def build_vae(cfg: TinyModelConfig):
 def build_unet(cfg: TinyModelConfig):
     from diffusers import UNet2DConditionModel
 
-    attn = cfg.attention_levels
     return UNet2DConditionModel(
         sample_size=cfg.image_size // cfg.vae_factor, in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        out_channels=cfg.latent_channels, **unet_layout_config(cfg.attention_levels),
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_hidden, attention_head_dim=cfg.unet_head_dim,
         norm_num_groups=min(32, cfg.unet_channels[0]),
     )
+
+
+def unet_layout_config(levels: tuple[str, ...]) -> dict:
+    """The UNet2DConditionModel config fields that give each level (outermost first) its ATTENTION_KINDS entry."""
+    return {"down_block_types": tuple("DownBlock2D" if a == "none" else "CrossAttnDownBlock2D" for a in levels),
+            "up_block_types": tuple("UpBlock2D" if a == "none" else "CrossAttnUpBlock2D" for a in reversed(levels)),
+            "only_cross_attention": tuple(a == "cross" for a in levels)}
+
+
+def unet_layout(unet) -> tuple[str, ...]:
+    """Each level's attention (ATTENTION_KINDS, outermost first) of a UNet2DConditionModel."""
+    c = unet.config
+    only = c.only_cross_attention
+    only = [bool(only)] * len(c.down_block_types) if isinstance(only, bool) else list(only)
+    return tuple("none" if "CrossAttn" not in kind else "cross" if o else "full"
+                 for kind, o in zip(c.down_block_types, only))
+
+
+def relayout_unet(unet, levels: tuple[bool | str, ...]):
+    """A copy of ``unet`` with each level's attention set to ``levels`` (ATTENTION_KINDS, outermost first).
+
+    Levels whose attention is unchanged keep all their weights, as do every level's ResNet blocks and samplers
+    and the mid block; a transformer block that is new (or changes kind) starts as the identity (its output
+    projection zeroed, so the residual passes through). Where attention is only added, the relaid-out U-Net predicts
+    exactly what ``unet`` did and training grows the new attention from there: how a trained model gets text
+    access on a finer level.
+    """
+    from diffusers import UNet2DConditionModel
+
+    levels = tuple(attention_kind(a) for a in levels)
+    old = unet_layout(unet)
+    if len(levels) != len(old):
+        raise ValueError(f"--unet-attention needs one entry per U-Net level ({len(old)}), got {len(levels)}")
+    new = UNet2DConditionModel.from_config({**dict(unet.config), **unet_layout_config(levels),
+                                            "mid_block_only_cross_attention": False})
+    new.to(unet.device)
+    if unet.dtype != new.dtype:
+        new.to(dtype=unet.dtype)
+    n = len(levels)
+    fresh = [f"down_blocks.{i}.attentions." for i in range(n) if levels[i] != old[i]]
+    fresh += [f"up_blocks.{n - 1 - i}.attentions." for i in range(n) if levels[i] != old[i]]
+    state = {k: v for k, v in unet.state_dict().items() if not any(k.startswith(f) for f in fresh)}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or any(not any(k.startswith(f) for f in fresh) for k in missing):
+        raise ValueError(f"cannot relayout the U-Net: weights that do not carry over "
+                         f"{sorted(unexpected) + sorted(k for k in missing if not any(k.startswith(f) for f in fresh))[:5]}")
+    with torch.no_grad():
+        for name, module in new.named_modules():
+            if any((name + ".").startswith(f) for f in fresh) and name.endswith("proj_out"):
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+    return new
 
 
 def training_scheduler(prediction_type: str = "epsilon"):

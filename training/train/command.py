@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --init tiny: the VAE's downsampling, 8 (Stable Diffusion's; 16 x 16 latents at 128 px, "
                         "the default) or 4 (32 x 32 latents: thin lines such as catheters span more of a latent "
                         "cell; ~2x the U-Net step time)")
+    p.add_argument("--unet-attention", dest="unet_attention", metavar="KIND,...",
+                   help="the U-Net's attention per level, outermost (finest) first: none (ResNet blocks only), full "
+                        "(self- and cross-attention) or cross (cross-attention on the text only, cheap on a fine "
+                        "grid), e.g. cross,full,full,none. With --model the loaded U-Net keeps every weight that "
+                        "carries over and new attention starts as the identity; with --init tiny it sets the layout")
     p.add_argument("--config", help="JSON file with FinetuneConfig fields; flags override it")
     p.add_argument("--train", help="comma list of vae,unet,text_encoder (default unet,text_encoder)")
     for name, typ in (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float),
@@ -92,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for k, v in vars(args).items():
-        if k in fields and v is not None and k not in ("train", "oversample"):
+        if k in fields and v is not None and k not in ("train", "oversample", "unet_attention"):
             setattr(cfg, k, v)
     if args.oversample:
         cfg.oversample = parse_oversample(args.oversample)
@@ -109,6 +114,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         from ..model.components import VAE_FACTOR_PRESETS
 
         cfg.model_config = {**VAE_FACTOR_PRESETS[args.vae_factor], **cfg.model_config}
+    if getattr(args, "unet_attention", None):
+        cfg.unet_attention = tuple(x.strip() for x in args.unet_attention.split(",") if x.strip())
+    if cfg.init == "tiny" and cfg.unet_attention:
+        cfg.model_config = {**cfg.model_config, "unet_attention": tuple(cfg.unet_attention)}
     return cfg
 
 

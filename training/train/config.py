@@ -19,6 +19,9 @@ class FinetuneConfig:
     model: str | None = None  # pipeline folder to start from (cxrgen checkpoint or SD / RoentGen)
     init: str | None = None  # "tiny": build a fresh tiny model instead of --model
     model_config: dict = dataclasses.field(default_factory=dict)  # TinyModelConfig overrides for --init tiny
+    # per U-Net level, outermost first: "none" / "full" / "cross" attention (components.ATTENTION_KINDS); with
+    # --model the loaded U-Net is relaid out (components.relayout_unet), with --init tiny it sets the layout
+    unet_attention: tuple[str, ...] = ()
     train: tuple[str, ...] = ("unet", "text_encoder")  # components to train (Chambon et al. compared these)
     views: tuple[str, ...] = ("PA", "AP")  # views to train on
     split: str = "train"  # data split to train on
@@ -95,6 +98,11 @@ class FinetuneConfig:
         from ..findings import check_oversample
 
         check_oversample(self.oversample)
+        if self.unet_attention:
+            from ..model.components import attention_kind
+
+            for a in self.unet_attention:
+                attention_kind(a)
         if self.init == "tiny":
             from ..model.components import TinyModelConfig
 

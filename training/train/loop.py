@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..findings import oversampled
 from ..model.checkpoint import Manifest, data_fingerprint, lineage_from, load_pipeline, save_checkpoint
-from ..model.components import TinyModelConfig, build_pipeline, to_model_channels, train_tokenizer
+from ..model.components import TinyModelConfig, build_pipeline, relayout_unet, to_model_channels, train_tokenizer
 from .config import FinetuneConfig
 
 
@@ -42,6 +42,8 @@ def build_model(cfg: FinetuneConfig, prompts: list[str]):
     """Fresh tiny pipeline (tokenizer trained on the data's prompts + IU reports) or a loaded one."""
     if cfg.model:
         pipe, _ = load_pipeline(cfg.model)
+        if cfg.unet_attention:
+            pipe.unet = relayout_unet(pipe.unet, cfg.unet_attention)
         return pipe
     from ..data.reports import load_reports
 
