@@ -14,11 +14,12 @@ MICRO = TinyModelConfig(image_size=32, vae_channels=(8, 8, 16, 16), unet_channel
                         vocab_size=500)
 
 
-def micro_checkpoint(folder: Path, version: str = "micro-v1", reports: int = 400) -> Path:
+def micro_checkpoint(folder: Path, version: str = "micro-v1", reports: int = 400,
+                     config: TinyModelConfig = MICRO) -> Path:
     """A saved micro checkpoint (tokenizer trained on the first ``reports`` IU reports, seed 0)."""
     from training.data.reports import load_reports
 
-    tok = train_tokenizer([r.prompt for r in load_reports()[:reports]], MICRO.vocab_size, MICRO.max_length)
+    tok = train_tokenizer([r.prompt for r in load_reports()[:reports]], config.vocab_size, config.max_length)
     torch.manual_seed(0)
-    save_checkpoint(build_pipeline(MICRO, tok), folder, Manifest(version=version, stage="init"))
+    save_checkpoint(build_pipeline(config, tok), folder, Manifest(version=version, stage="init"))
     return folder

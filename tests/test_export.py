@@ -168,6 +168,19 @@ def test_images_match_torch_for_the_same_seed(micro, scheduler):
     assert psnr(ort_images(out, PROMPTS[:1], scheduler, negative="pneumothorax"), ref[:1]) >= 40  # batch-free
 
 
+def test_cross_attention_only_level_exports(tmp_path):
+    """A U-Net with a cross-attention-only level (``--unet-attention cross,...``): same images through onnxruntime."""
+    import dataclasses
+
+    from export.folder import ExportConfig
+    from export.onnx_export import export_onnx
+
+    config = dataclasses.replace(MICRO, unet_attention=("cross", "none"))
+    ckpt = micro_checkpoint(tmp_path / "ckpt", "micro-cross", reports=300, config=config)
+    out = export_onnx(ExportConfig(checkpoint=str(ckpt), out=str(tmp_path / "onnx"), rewards=False))
+    assert psnr(ort_images(out, PROMPTS[:2]), torch_images(ckpt, PROMPTS[:2])) >= 40
+
+
 def test_guidance_off_and_another_size(micro):
     ckpt, _, out = micro
     ref = torch_images(ckpt, PROMPTS[:2], guidance=1.0, size=48)  # no unconditional branch; latents 6 x 6
