@@ -182,22 +182,24 @@ def relayout_unet(unet, levels: tuple[bool | str, ...]):
     old = unet_layout(unet)
     if len(levels) != len(old):
         raise ValueError(f"--unet-attention needs one entry per U-Net level ({len(old)}), got {len(levels)}")
-    new = UNet2DConditionModel.from_config({**dict(unet.config), **unet_layout_config(levels),
-                                            "mid_block_only_cross_attention": False})
+    new = UNet2DConditionModel.from_config({**dict(unet.config), **unet_layout_config(levels),  # mid block as it was
+                                            "mid_block_only_cross_attention": bool(
+                                                unet.config.get("mid_block_only_cross_attention"))})
     new.to(unet.device)
     if unet.dtype != new.dtype:
         new.to(dtype=unet.dtype)
     n = len(levels)
     fresh = [f"down_blocks.{i}.attentions." for i in range(n) if levels[i] != old[i]]
     fresh += [f"up_blocks.{n - 1 - i}.attentions." for i in range(n) if levels[i] != old[i]]
-    state = {k: v for k, v in unet.state_dict().items() if not any(k.startswith(f) for f in fresh)}
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    if unexpected or any(not any(k.startswith(f) for f in fresh) for k in missing):
-        raise ValueError(f"cannot relayout the U-Net: weights that do not carry over "
-                         f"{sorted(unexpected) + sorted(k for k in missing if not any(k.startswith(f) for f in fresh))[:5]}")
+    is_fresh = lambda key: key.startswith(tuple(fresh))  # noqa: E731
+    missing, unexpected = new.load_state_dict({k: v for k, v in unet.state_dict().items() if not is_fresh(k)},
+                                              strict=False)
+    lost = sorted(unexpected) + sorted(k for k in missing if not is_fresh(k))
+    if lost:
+        raise ValueError(f"cannot relayout the U-Net: weights that do not carry over, e.g. {lost[:5]}")
     with torch.no_grad():
         for name, module in new.named_modules():
-            if any((name + ".").startswith(f) for f in fresh) and name.endswith("proj_out"):
+            if is_fresh(name + ".") and name.endswith("proj_out"):
                 module.weight.zero_()
                 if module.bias is not None:
                     module.bias.zero_()
