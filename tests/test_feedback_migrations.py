@@ -56,3 +56,34 @@ def test_writers_opening_a_fresh_store_at_once_migrate_it_once(store_url, tmp_pa
         assert sorted(pool.map(open_and_write, range(6))) == [f"r{i}" for i in range(6)]
     with fs.open_store(store_url, blobs=tmp_path / "blobs", upgrade=False) as s:
         assert s.cursor() == 6 and differences(s.engine) == []
+
+
+class _RacingCursor:
+    """A cursor whose first ``fails`` WAL switches lose a lock race the way SQLite reports it."""
+
+    def __init__(self, fails, error="database is locked"):
+        self.fails, self.error, self.mode, self.tries = fails, error, "delete", 0
+
+    def execute(self, sql):
+        if sql == "PRAGMA journal_mode=WAL":
+            self.tries += 1
+            if self.tries <= self.fails:
+                raise db.sqlite3.OperationalError(self.error)
+            self.mode = "wal"
+        return self
+
+    def fetchone(self):
+        return (self.mode,)
+
+
+def test_switching_to_wal_retries_a_lost_lock_race_and_reraises_other_errors():
+    # SQLite fails a racing WAL switch at once, without its busy handler: the store must retry it
+    cur = _RacingCursor(fails=3)
+    db._set_wal(cur)
+    assert cur.mode == "wal" and cur.tries == 4
+    already = _RacingCursor(fails=0)
+    already.mode = "wal"
+    db._set_wal(already)
+    assert already.tries == 0  # a file already in WAL is left alone
+    with pytest.raises(db.sqlite3.OperationalError, match="disk I/O"):
+        db._set_wal(_RacingCursor(fails=1, error="disk I/O error"))
