@@ -118,6 +118,12 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--vae-factor", "2"], "invalid choice: 2"),
     (["--init", "tiny", "--unet-attention", "cross,sparse"], "(or true / false), got 'sparse'"),
     (["--init", "tiny", "--unet-attention", "cross"], "unet_attention needs one entry per U-Net level (3), got 1"),
+    (["--init", "tiny", "--contrast", "Devices=1"], "--contrast: unknown label 'Devices'"),
+    (["--init", "tiny", "--contrast", "Fracture=1"], "--contrast Fracture: cxrgen cannot find this label's sentences"),
+    (["--init", "tiny", "--contrast", "Support Devices=0"], "the weight must be a number > 0, got 0.0"),
+    (["--init", "tiny", "--contrast", "Support Devices=x"], "--contrast 'Support Devices=x': expected LABEL=W"),
+    (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-beta", "0"], "--contrast-beta must be > 0"),
+    (["--init", "tiny", "--contrast", "Support Devices=1", "--train", "vae"], "--contrast is a term of the denoising"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),

@@ -232,6 +232,19 @@ def mentioned_kinds(text: str) -> set[str]:
     return {k for k in MENTIONS if next(_positive_mentions(text, k), None) is not None}
 
 
+def mention_sentences(text: str, kinds: Iterable[str]) -> list[str]:
+    """The sentences of ``text`` that assert any of ``kinds`` (each once, in order)."""
+    hits = {sentence for kind in kinds for sentence, _ in _positive_mentions(text, kind)}
+    return [s.strip() for s in _sentences(text) if s in hits]
+
+
+def strip_mentions(text: str, kinds: Iterable[str]) -> str:
+    """``text`` without the sentences that assert any of ``kinds`` ("ET tube in place. Lungs clear." -> "Lungs
+    clear."); denials ("No pneumothorax.") stay. The same report, minus what it says about those kinds."""
+    drop = set(mention_sentences(text, kinds))
+    return " ".join(s.strip() for s in _sentences(text) if s.strip() not in drop)
+
+
 def unaccounted_kinds(text: str, findings: Iterable[Finding]) -> set[str]:
     """Kinds the text asserts that ``findings`` do not contain."""
     have = {f.kind for f in findings}

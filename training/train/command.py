@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oversample", metavar="LABEL=K,...",
                    help="images positive for a CheXpert label appear K times per epoch, e.g. "
                         "'Support Devices=4' (rare or small findings weigh more)")
+    p.add_argument("--contrast", metavar="LABEL=W,...",
+                   help="prompt contrast (train/contrast.py) for a CheXpert label, weight W: a film's report must "
+                        "denoise it better than the same report without the label's sentences (and a negative's "
+                        "report better than with one added), e.g. 'Support Devices=1' (words for a small finding)")
+    p.add_argument("--contrast-beta", type=float, dest="contrast_beta",
+                   help="the contrast's logistic scale on the per-image MSE margin (default 1000)")
     p.add_argument("--snr-gamma", type=parse_snr_gamma, dest="snr_gamma", metavar="GAMMA|off",
                    help="min-SNR loss weighting (Hang et al. 2023; default 5): each timestep's loss is weighted "
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "
@@ -79,15 +85,15 @@ def parse_snr_gamma(text: str) -> float:
 
 
 def parse_oversample(text: str, expected: str = "LABEL=K, e.g. 'Support Devices=4'",
-                     flag: str = "--oversample") -> dict[str, int]:
-    """``"Support Devices=4,Lung Lesion=2"`` -> {"Support Devices": 4, "Lung Lesion": 2}."""
+                     flag: str = "--oversample", number=int) -> dict[str, int]:
+    """``"Support Devices=4,Lung Lesion=2"`` -> {"Support Devices": 4, "Lung Lesion": 2} (values by ``number``)."""
     out = {}
     for part in (x.strip() for x in text.split(",") if x.strip()):
         label, eq, k = part.rpartition("=")
         try:
             if not eq or not label.strip():
                 raise ValueError
-            out[label.strip()] = int(k)
+            out[label.strip()] = number(k)
         except ValueError:
             raise ValueError(f"{flag} {part!r}: expected {expected}") from None
     return out
@@ -97,10 +103,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for k, v in vars(args).items():
-        if k in fields and v is not None and k not in ("train", "oversample", "unet_attention"):
+        if k in fields and v is not None and k not in ("train", "oversample", "contrast", "unet_attention"):
             setattr(cfg, k, v)
     if args.oversample:
         cfg.oversample = parse_oversample(args.oversample)
+    if args.contrast:
+        cfg.contrast = parse_oversample(args.contrast, "LABEL=W, e.g. 'Support Devices=1'", "--contrast", float)
     if args.train:
         cfg.train = tuple(x.strip() for x in args.train.split(",") if x.strip())
     if args.no_ema:

@@ -47,6 +47,11 @@ class FinetuneConfig:
     # CheXpert label -> integer factor: an image positive for it appears that many times per epoch (the largest
     # factor of its labels), so a rare or small finding weighs more, e.g. {"Support Devices": 4}
     oversample: dict = dataclasses.field(default_factory=dict)
+    # CheXpert label -> weight of the prompt contrast (train/contrast.py): the report must denoise its film better
+    # than the same report without the label's sentences, and a negative's report better than with one added,
+    # e.g. {"Support Devices": 1.0}; empty = off
+    contrast: dict = dataclasses.field(default_factory=dict)
+    contrast_beta: float = 1000.0  # the contrast's logistic scale on the (min-SNR weighted) per-image MSE margin
     # -- VAE stage --
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
@@ -98,6 +103,12 @@ class FinetuneConfig:
         from ..findings import check_oversample
 
         check_oversample(self.oversample)
+        if self.contrast:
+            from .contrast import check_contrast
+
+            check_contrast(self.contrast, self.contrast_beta)
+            if not set(self.train) & {"unet", "text_encoder"}:
+                raise ValueError("--contrast is a term of the denoising loss: include unet or text_encoder in --train")
         if self.unet_attention:
             from ..model.components import attention_kind
 

@@ -90,21 +90,24 @@ def make_dataset(cfg: FinetuneConfig, size: int):
 
 def collate(items: list[dict]) -> dict:
     key = "latent_dist" if "latent_dist" in items[0] else "image"
-    return {key: torch.stack([it[key] for it in items]), "prompt": [it["prompt"] for it in items]}
+    out = {key: torch.stack([it[key] for it in items]), "prompt": [it["prompt"] for it in items]}
+    if "labels" in items[0]:  # CheXpert labels (NaN: not mentioned): the prompt contrast picks its pairs by them
+        out["labels"] = torch.stack([it["labels"] for it in items])
+    return out
 
 
 class LatentSet(torch.utils.data.Dataset):
-    """Cached VAE posteriors (mean and log-variance) with prompts: a frozen VAE encodes each
+    """Cached VAE posteriors (mean and log-variance) with prompts and labels: a frozen VAE encodes each
     image once instead of every epoch, and no JPEG is decoded while the U-Net trains."""
 
-    def __init__(self, dists: torch.Tensor, prompts: list[str]):
-        self.dists, self.prompts = dists, prompts
+    def __init__(self, dists: torch.Tensor, prompts: list[str], labels: torch.Tensor):
+        self.dists, self.prompts, self.labels = dists, prompts, labels
 
     def __len__(self) -> int:
         return len(self.dists)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latent_dist": self.dists[i], "prompt": self.prompts[i]}
+        return {"latent_dist": self.dists[i], "prompt": self.prompts[i], "labels": self.labels[i]}
 
 
 @torch.no_grad()
@@ -113,12 +116,13 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
 
     dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=cfg.num_workers,
                                      collate_fn=collate)
-    dists, prompts = [], []
+    dists, prompts, labels = [], [], []
     for batch in tqdm(dl, desc="encode latents", unit="batch", disable=not progress):
         x = to_model_channels(batch["image"].to(vae.device), vae.config.in_channels)
         dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
         prompts += batch["prompt"]
-    return LatentSet(torch.cat(dists), prompts)
+        labels.append(batch["labels"])
+    return LatentSet(torch.cat(dists), prompts, torch.cat(labels))
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
@@ -136,8 +140,13 @@ def config_of(module):
     return getattr(module, "module", module).config
 
 
-def encode_text(parts, prompts: list[str], dropout: float) -> torch.Tensor:
-    prompts = ["" if random.random() < dropout else p for p in prompts]
+def drop_prompts(prompts: list[str], dropout: float) -> list[str]:
+    """Each prompt replaced by "" with probability ``dropout`` (classifier-free guidance's unconditional case)."""
+    return ["" if random.random() < dropout else p for p in prompts]
+
+
+def encode_text(parts, prompts: list[str], dropout: float = 0.0) -> torch.Tensor:
+    prompts = drop_prompts(prompts, dropout) if dropout else prompts
     tok = parts.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
@@ -148,12 +157,21 @@ def images_device(parts) -> torch.device:
     return next(parts.unet.parameters()).device
 
 
+class Denoised:
+    """One denoising pass over a batch, kept for a second look (the prompt contrast): the noisy latents, noise
+    and timesteps, the prompts the U-Net read (after dropout), its target and per-image squared error."""
+
+    def __init__(self, noisy, t, prompts, target, per):
+        self.noisy, self.t, self.prompts, self.target, self.per = noisy, t, prompts, target, per
+
+
 def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig,
-                   latent_dist: torch.Tensor | None = None) -> torch.Tensor:
+                   latent_dist: torch.Tensor | None = None, keep: list | None = None) -> torch.Tensor:
     """Denoising loss on latents (epsilon or v target), min-SNR weighted (Hang et al. 2023).
 
     ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer;
-    ``latent_dist`` (cached posterior parameters) replaces encoding ``images``.
+    ``latent_dist`` (cached posterior parameters) replaces encoding ``images``; a ``keep`` list receives the
+    pass's ``Denoised``.
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -169,12 +187,14 @@ def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str],
     noise = torch.randn_like(latents)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_sched.add_noise(latents, noise, t)
-    hidden = encode_text(parts, prompts, cfg.text_dropout)
-    pred = parts.unet(noisy, t, hidden).sample
+    read = drop_prompts(prompts, cfg.text_dropout)
+    pred = parts.unet(noisy, t, encode_text(parts, read)).sample
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
-    if cfg.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if keep is not None:
+        keep.append(Denoised(noisy, t, read, target, per))
+    if cfg.snr_gamma is None:
+        return per.mean()
     return (per * min_snr_weight(noise_sched, t, cfg.snr_gamma)).mean()
 
 
@@ -299,7 +319,9 @@ def random_crop(images: torch.Tensor, side: int) -> torch.Tensor:
     return images[..., top:top + side, left:left + side]
 
 
-def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig) -> tuple[torch.Tensor, dict]:
+def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig, contrast: list | None = None
+              ) -> tuple[torch.Tensor, dict]:
+    """The step's loss and its logged parts; ``contrast`` (``contrast.contrast_labels``) adds the prompt contrast."""
     dev = images_device(parts)
     images = batch["image"].to(dev) if "image" in batch else None
     dist = batch["latent_dist"].to(dev) if "latent_dist" in batch else None
@@ -308,8 +330,16 @@ def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig) -> tuple[tor
         lv = vae_loss(parts.vae, random_crop(images, cfg.vae_crop) if cfg.vae_crop else images, cfg)
         logs["loss_vae"], loss = lv.item(), loss + lv
     if set(cfg.train) & {"unet", "text_encoder"}:
-        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist)
+        keep = [] if contrast else None
+        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist, keep=keep)
         logs["loss_diffusion"], loss = ld.item(), loss + ld
+        if contrast:
+            from .contrast import contrast_loss
+
+            lc, clogs = contrast_loss(parts, noise_sched, keep[0], batch, contrast, cfg.contrast_beta, cfg.snr_gamma)
+            logs.update(clogs)
+            if lc is not None:
+                logs["loss_contrast"], loss = lc.item(), loss + lc
     return loss, logs
 
 
@@ -372,6 +402,11 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     fixed = collate([ds[i] for i in range(min(4, len(ds)))])["image"]
     # 4. Trainable parameters, optimiser, EMA; accelerate wraps what trains.
     labels = ds.labels
+    contrast = None
+    if cfg.contrast:  # the sentences a negative's report may get: the training positives' own
+        from .contrast import contrast_labels
+
+        contrast = contrast_labels(cfg.contrast, prompts, labels)
     if cfg.cache_latents:
         pipe.vae.to(accelerator.device)
         ds = cache_latents(pipe.vae, ds, cfg, progress)
@@ -403,7 +438,7 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         for m in wrapped.values():
             m.train()
         with accelerator.accumulate(*wrapped.values()):
-            loss, logs = step_loss(parts, noise_sched, batch, cfg)
+            loss, logs = step_loss(parts, noise_sched, batch, cfg, contrast)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for m in wrapped.values() for p in m.parameters()], cfg.max_grad_norm)

@@ -1,0 +1,134 @@
+"""Prompt contrast: a training term that isolates what a finding's words add (issue 8: support devices).
+
+The denoising loss of a film is dominated by what fills it; a catheter is 0.4 % of the latent, so the words
+"central line" earn 0.4 % of the error and the model learned them no better with 4x the device films or with
+cross-attention at the finest level. The contrast asks the diffusion classifier's question (Li et al. 2023)
+directly. For a film positive for a label, its report p and the same report without the sentences that assert
+the label (``strip_mentions``) are two descriptions of the same noisy latent, at the same timestep and noise:
+
+    margin = w(t) * [err(x_t, p without the sentences) - err(x_t, p)]
+
+(err: the per-image denoising MSE; w(t): the loss's min-SNR weight). Everything the two readings share (the
+99.6 % of the film) is the same error in both terms and cancels: the margin is what the sentences buy. For a
+film negative for the label, its report p with a sentence asserting the label prepended (drawn from the
+training positives' own sentences) must denoise worse: margin = w(t) * [err(x_t, sentence + p) - err(x_t, p)].
+The term is the logistic loss softplus(-beta * margin) per pair, weighted per label and added to the denoising
+loss; the batch's negatives are as many as its positives. Both readings train (the cancellation needs both);
+the denoising loss on the true reports keeps either from winning by denoising worse.
+
+Pairs are chosen from the labels and the text, so the term works on any data with CheXpert labels and report
+text (real MIMIC-CXR as well as the simulator's). A prompt dropped to "" for classifier-free guidance is not
+paired; a negative whose report already asserts the label (e.g. a label the labeller missed) is not used.
+The negatives and their sentences are drawn by a generator seeded from the batch's reports: the same batch gets
+the same pairs (on resume too), and the term draws nothing from the run's shared generators, so dropout, noise
+and timesteps are draw for draw those of the same run without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import zlib
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.reports import MENTIONS, mention_sentences, strip_mentions
+from ..findings import KINDS, OBSERVATIONS
+
+
+def label_kinds(label: str) -> tuple[str, ...]:
+    """The finding kinds whose report phrases assert ``label`` (Support Devices: endotracheal tube, central line)."""
+    return tuple(k for k, spec in KINDS.items() if label in spec.observations and k in MENTIONS)
+
+
+def check_contrast(weights: Mapping[str, float], beta: float) -> None:
+    """A ValueError naming the flag and the entry for an unknown label, a label cxrgen cannot find in report
+    text, a weight that is not a positive number, or a beta that is not positive."""
+    for label, w in weights.items():
+        if label not in OBSERVATIONS:
+            raise ValueError(f"--contrast: unknown label {label!r}; known: {list(OBSERVATIONS)}")
+        if not label_kinds(label):
+            usable = [o for o in OBSERVATIONS if label_kinds(o)]
+            raise ValueError(f"--contrast {label}: cxrgen cannot find this label's sentences in a report; "
+                             f"labels it can: {usable}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
+            raise ValueError(f"--contrast {label}: the weight must be a number > 0, got {w!r}")
+    if not 0 < beta < float("inf"):
+        raise ValueError(f"--contrast-beta must be > 0, got {beta}")
+
+
+@dataclasses.dataclass
+class ContrastLabel:
+    label: str
+    column: int  # the label's column in the CheXpert label rows
+    kinds: tuple[str, ...]  # finding kinds whose sentences assert it
+    weight: float  # the term's weight for this label
+    sentences: tuple[str, ...]  # the training positives' sentences asserting it: what a negative's report gets
+
+
+def contrast_labels(weights: Mapping[str, float], prompts: Sequence[str], labels) -> list[ContrastLabel]:
+    """One ``ContrastLabel`` per entry of ``weights``, its sentences read from the training positives' reports;
+    a ValueError when no positive report asserts the label (nothing to strip, nothing to insert)."""
+    labels = np.asarray(labels)
+    out = []
+    for label, w in weights.items():
+        col, kinds = OBSERVATIONS.index(label), label_kinds(label)
+        found = {s for p, y in zip(prompts, labels[:, col]) if y == 1.0 for s in mention_sentences(p, kinds)}
+        if not found:
+            raise ValueError(f"--contrast {label}: no training report positive for it asserts it in words "
+                             f"({', '.join(kinds)}); nothing to contrast")
+        out.append(ContrastLabel(label, col, kinds, float(w), tuple(sorted(found))))
+    return out
+
+
+def contrast_pairs(prompts: Sequence[str], read: Sequence[str], labels: torch.Tensor,
+                   specs: Sequence[ContrastLabel], rng: random.Random | None = None) -> list[tuple[int, str, float]]:
+    """(batch index, the other reading of its film, weight) for each pair of the batch.
+
+    ``prompts`` are the reports, ``read`` what the U-Net read (after dropout), ``labels`` (B, 14). A positive's
+    other reading is its report without the label's sentences (skipped if that changes nothing); as many
+    negatives as positives (fewer if the batch has fewer), chosen at random, get a positive's sentence prepended.
+    """
+    rng = rng or random.Random(zlib.crc32("\n".join(prompts).encode()))
+    out = []
+    for spec in specs:
+        pos, neg = [], []
+        for i, (p, r) in enumerate(zip(prompts, read)):
+            if not p or r != p:  # dropped to "" this step: no reading to contrast
+                continue
+            y = float(labels[i, spec.column])
+            if y == 1.0:
+                stripped = strip_mentions(p, spec.kinds)
+                if stripped != " ".join(p.split()):
+                    pos.append((i, stripped, spec.weight))
+            elif y == 0.0 and not mention_sentences(p, spec.kinds):
+                neg.append(i)
+        chosen = sorted(rng.sample(neg, min(len(pos), len(neg))))
+        out += pos + [(i, f"{rng.choice(spec.sentences)} {prompts[i]}", spec.weight) for i in chosen]
+    return out
+
+
+def contrast_loss(parts, noise_sched, denoised, batch: dict, specs: Sequence[ContrastLabel], beta: float,
+                  snr_gamma: float | None) -> tuple[torch.Tensor | None, dict]:
+    """The term over the batch's pairs (None if it has none) and its logs: pairs, the share of pairs whose
+    margin is positive (the diffusion classifier's accuracy on them) and the mean margin."""
+    from .loop import encode_text, min_snr_weight
+
+    pairs = contrast_pairs(batch["prompt"], denoised.prompts, batch["labels"], specs)
+    if not pairs:
+        return None, {"contrast_pairs": 0}
+    dev = denoised.noisy.device
+    idx = torch.tensor([i for i, _, _ in pairs], device=dev)
+    weight = torch.tensor([w for _, _, w in pairs], device=dev)
+    # for positives and negatives alike the report is the right reading and the other text the wrong one
+    other = parts.unet(denoised.noisy[idx], denoised.t[idx], encode_text(parts, [o for _, o, _ in pairs])).sample
+    err_other = F.mse_loss(other.float(), denoised.target[idx].float(), reduction="none").mean(dim=(1, 2, 3))
+    w_t = min_snr_weight(noise_sched, denoised.t[idx], snr_gamma) if snr_gamma else torch.ones_like(err_other)
+    margin = w_t * (err_other - denoised.per[idx])
+    loss = (weight * F.softplus(-beta * margin)).mean()
+    margin = margin.detach()
+    return loss, {"contrast_pairs": len(pairs), "contrast_acc": float((margin > 0).float().mean()),
+                  "contrast_margin": float(margin.mean())}
