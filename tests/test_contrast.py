@@ -128,12 +128,12 @@ def test_the_margin_is_what_the_sentences_buy(micro):
     parts, sched, den, batch = denoised_batch(micro, prompts, labels)
     loss, logs = contrast_loss(parts, sched, den, batch, [spec()], beta=1000.0, snr_gamma=5.0)
     assert logs["contrast_pairs"] == 4 and 0.0 <= logs["contrast_acc"] <= 1.0
-    # the mean of softplus(-beta * margin) over pairs: at least softplus of the mean margin (softplus is convex)
-    assert loss.item() >= float(torch.nn.functional.softplus(torch.tensor(-1000.0 * logs["contrast_margin"]))) - 1e-5
-    # a text encoder blind to the words: both readings are the same prediction, margin 0, the loss log 2
+    # W / beta times the mean of softplus(-beta * margin) over pairs: at least that of the mean margin (convexity)
+    assert loss.item() >= float(torch.nn.functional.softplus(torch.tensor(-1000.0 * logs["contrast_margin"]))) / 1000 - 1e-8
+    # a text encoder blind to the words: both readings are the same prediction, margin 0, the loss W log 2 / beta
     blind_parts, _, den0, batch0 = denoised_batch(micro, prompts, labels, text_encoder=Blind())
-    loss0, logs0 = contrast_loss(blind_parts, sched, den0, batch0, [spec()], beta=1000.0, snr_gamma=5.0)
-    assert logs0["contrast_margin"] == 0.0 and loss0.item() == pytest.approx(math.log(2))
+    loss0, logs0 = contrast_loss(blind_parts, sched, den0, batch0, [spec(weight=3.0)], beta=1000.0, snr_gamma=5.0)
+    assert logs0["contrast_margin"] == 0.0 and loss0.item() == pytest.approx(3.0 * math.log(2) / 1000)
     assert contrast_loss(parts, sched, den, {"prompt": ["A."] * 4, "labels": labels_of(0, 0, 0, 0)},
                          [spec()], 1000.0, 5.0) == (None, {"contrast_pairs": 0})
 
@@ -172,9 +172,9 @@ def test_train_with_the_contrast_logs_its_pairs(tmp_path):
     assert any(r["labels"]["Support Devices"] == 1.0 and r["split"] == "train" for r in rows)
     cfg = FinetuneConfig(data=str(data), out=str(tmp_path / "run"), model=str(micro_checkpoint(tmp_path / "m")),
                          steps=3, batch_size=8, num_workers=0, sample_every=0, checkpoint_every=0, warmup_steps=1,
-                         cache_latents=True, oversample={"Support Devices": 4}, contrast={"Support Devices": 1.0})
+                         cache_latents=True, oversample={"Support Devices": 4}, contrast={"Support Devices": 20.0})
     train(cfg, progress=False)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and sum(r["contrast_pairs"] for r in log) > 0
     assert all(("loss_contrast" in r) == (r["contrast_pairs"] > 0) for r in log)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["contrast"] == {"Support Devices": 1.0}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["contrast"] == {"Support Devices": 20.0}

@@ -121,7 +121,7 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--contrast", "Devices=1"], "--contrast: unknown label 'Devices'"),
     (["--init", "tiny", "--contrast", "Fracture=1"], "--contrast Fracture: cxrgen cannot find this label's sentences"),
     (["--init", "tiny", "--contrast", "Support Devices=0"], "the weight must be a number > 0, got 0.0"),
-    (["--init", "tiny", "--contrast", "Support Devices=x"], "--contrast 'Support Devices=x': expected LABEL=W"),
+    (["--init", "tiny", "--contrast", "Support Devices=x"], "--contrast 'Support Devices=x': expected LABEL=W, e.g. 'Support Devices=20'"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-beta", "0"], "--contrast-beta must be > 0"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--train", "vae"], "--contrast is a term of the denoising"),
 ])

@@ -59,9 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contrast", metavar="LABEL=W,...",
                    help="prompt contrast (train/contrast.py) for a CheXpert label, weight W: a film's report must "
                         "denoise it better than the same report without the label's sentences (and a negative's "
-                        "report better than with one added), e.g. 'Support Devices=1' (words for a small finding)")
+                        "report better than with one added), e.g. 'Support Devices=20' (while a margin is small it "
+                        "pulls W / 2 times as hard as the denoising loss on one image: words for a small finding)")
     p.add_argument("--contrast-beta", type=float, dest="contrast_beta",
-                   help="the contrast's logistic scale on the per-image MSE margin (default 1000)")
+                   help="the contrast's logistic scale on the per-image MSE margin: past a margin of a few / BETA the "
+                        "term lets go (default 20000, near 2e-4: what a catheter is worth)")
     p.add_argument("--snr-gamma", type=parse_snr_gamma, dest="snr_gamma", metavar="GAMMA|off",
                    help="min-SNR loss weighting (Hang et al. 2023; default 5): each timestep's loss is weighted "
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     if args.oversample:
         cfg.oversample = parse_oversample(args.oversample)
     if args.contrast:
-        cfg.contrast = parse_oversample(args.contrast, "LABEL=W, e.g. 'Support Devices=1'", "--contrast", float)
+        cfg.contrast = parse_oversample(args.contrast, "LABEL=W, e.g. 'Support Devices=20'", "--contrast", float)
     if args.train:
         cfg.train = tuple(x.strip() for x in args.train.split(",") if x.strip())
     if args.no_ema:

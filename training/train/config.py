@@ -49,9 +49,10 @@ class FinetuneConfig:
     oversample: dict = dataclasses.field(default_factory=dict)
     # CheXpert label -> weight of the prompt contrast (train/contrast.py): the report must denoise its film better
     # than the same report without the label's sentences, and a negative's report better than with one added,
-    # e.g. {"Support Devices": 1.0}; empty = off
+    # e.g. {"Support Devices": 20.0} (a small margin pulled W / 2 times as hard as one image's error); empty = off
     contrast: dict = dataclasses.field(default_factory=dict)
-    contrast_beta: float = 1000.0  # the contrast's logistic scale on the (min-SNR weighted) per-image MSE margin
+    # the contrast's logistic scale on the (min-SNR weighted) per-image MSE margin: past a few / beta it lets go
+    contrast_beta: float = 20000.0
     # -- VAE stage --
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)

@@ -12,9 +12,14 @@ the label (``strip_mentions``) are two descriptions of the same noisy latent, at
 99.6 % of the film) is the same error in both terms and cancels: the margin is what the sentences buy. For a
 film negative for the label, its report p with a sentence asserting the label prepended (drawn from the
 training positives' own sentences) must denoise worse: margin = w(t) * [err(x_t, sentence + p) - err(x_t, p)].
-The term is the logistic loss softplus(-beta * margin) per pair, weighted per label and added to the denoising
-loss; the batch's negatives are as many as its positives. Both readings train (the cancellation needs both);
-the denoising loss on the true reports keeps either from winning by denoising worse.
+The term is W / beta * softplus(-beta * margin), averaged over the batch's pairs (its negatives are as many as
+its positives) and added to the denoising loss. While a margin is small its pull on the margin is W / 2 times the
+denoising loss's pull on one image's error (W, the label's weight, is strength alone); beta sets where it lets go:
+past a margin of a few / beta the term earns nothing. That matters: a margin can also be won by denoising worse
+(the wrong reading worse, and with it the shared weights), and an unbounded one was (beta 1,000 at W / beta = 1e-3:
+within 50 steps margins of 1e-2, a sixth of the whole loss, and the denoising loss doubled). beta = 20,000 lets go
+near 2e-4, about what a catheter's 0.4 % of the latent is worth. Both readings train (the cancellation needs
+both); the denoising loss on the true reports anchors them.
 
 Pairs are chosen from the labels and the text, so the term works on any data with CheXpert labels and report
 text (real MIMIC-CXR as well as the simulator's). A prompt dropped to "" for classifier-free guidance is not
@@ -128,7 +133,7 @@ def contrast_loss(parts, noise_sched, denoised, batch: dict, specs: Sequence[Con
     err_other = F.mse_loss(other.float(), denoised.target[idx].float(), reduction="none").mean(dim=(1, 2, 3))
     w_t = min_snr_weight(noise_sched, denoised.t[idx], snr_gamma) if snr_gamma else torch.ones_like(err_other)
     margin = w_t * (err_other - denoised.per[idx])
-    loss = (weight * F.softplus(-beta * margin)).mean()
+    loss = (weight * F.softplus(-beta * margin)).mean() / beta
     margin = margin.detach()
     return loss, {"contrast_pairs": len(pairs), "contrast_acc": float((margin > 0).float().mean()),
                   "contrast_margin": float(margin.mean())}
