@@ -44,7 +44,7 @@ def main() -> int:
         size = pipe.vae.config.sample_size
         with_dev = generate(pipe, [w for w, _ in PAIRS], a.seed, 25, 4.0, "", len(PAIRS), size)
         without = generate(pipe, [wo for _, wo in PAIRS], a.seed, 25, 4.0, "", len(PAIRS), size)
-        print(name, "mean abs difference per pair:", np.abs(with_dev - without).mean(axis=(1, 2)).round(4).tolist())
+        print(name, "mean abs difference per pair:", [round(float(v), 4) for v in np.abs(with_dev - without).mean(axis=(1, 2))])
         rows += [np.concatenate(list(with_dev), 1), np.concatenate(list(without), 1),
                  np.concatenate(list(np.clip(0.5 + 2 * (with_dev - without), 0, 1)), 1)]
     out = Path(a.out)
