@@ -86,7 +86,7 @@ def main() -> int:
     from training.data.reports import mention_sentences, strip_mentions
     from training.findings import OBSERVATIONS
     from training.model.checkpoint import load_pipeline
-    from training.train.contrast import label_kinds
+    from training.train.contrast import contrast_labels, label_kinds
 
     kinds = label_kinds("Support Devices")
     first = load_pipeline(REPO / models[0][1])
@@ -96,8 +96,8 @@ def main() -> int:
     test = MimicCXRDataset(root=REPO / a.films, views=("PA", "AP"), split="test", size=size, normalize="unit")
     col = OBSERVATIONS.index("Support Devices")
     rows = train.frame.reset_index(drop=True)
-    sentences = sorted({s for i in range(len(train)) if train.labels[i][col] == 1
-                        for s in mention_sentences(train.prompt(rows.subject_id[i], rows.study_id[i]), kinds)})
+    reports = [train.prompt(r.subject_id, r.study_id) for r in rows.itertuples()]
+    (spec,) = contrast_labels({"Support Devices": 1.0}, reports, train.labels)  # the sentences training inserts
     trows = test.frame.reset_index(drop=True)
     films = {v: [i for i in range(len(test)) if test.labels[i][col] == 0 and trows.view[i] == v][:a.n]
              for v in ("AP", "PA")}
@@ -108,7 +108,7 @@ def main() -> int:
         sched = DDPMScheduler.from_config(pipe.scheduler.config)
         row = {"model": folder, "text_or_film": {}, "inserted": {}}
         for kind, (xp, xm, prompts) in pairs.items():
-            keep = [j for j, q in enumerate(prompts) if strip_mentions(q, kinds) != " ".join(q.split())]
+            keep = [j for j, q in enumerate(prompts) if mention_sentences(q, kinds)]
             full = [prompts[j] for j in keep]
             stripped = [strip_mentions(q, kinds) for q in full]
             mp, mm = margins(pipe, sched, xp[keep], full, stripped), margins(pipe, sched, xm[keep], full, stripped)
@@ -117,7 +117,7 @@ def main() -> int:
             items = [test[j] for j in idx]
             own = [it["prompt"] for it in items]
             rng = random.Random(1)
-            inserted = [f"{rng.choice(sentences)} {q}" for q in own]
+            inserted = [f"{rng.choice(spec.sentences)} {q}" for q in own]
             row["inserted"][view] = summary(margins(pipe, sched, torch.stack([it["image"] for it in items]),
                                                     own, inserted))
         result["models"][name] = row

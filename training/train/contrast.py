@@ -112,9 +112,8 @@ def contrast_pairs(prompts: Sequence[str], read: Sequence[str], labels: torch.Te
                 continue
             y = float(labels[i, spec.column])
             if y == 1.0:
-                stripped = strip_mentions(p, spec.kinds)
-                if stripped != " ".join(p.split()):
-                    pos.append((i, stripped, spec.weight))
+                if mention_sentences(p, spec.kinds):
+                    pos.append((i, strip_mentions(p, spec.kinds), spec.weight))
             elif y == 0.0 and not mention_sentences(p, spec.kinds):
                 neg.append(i)
         chosen = sorted(rng.sample(neg, min(len(pos), len(neg))))

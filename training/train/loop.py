@@ -19,6 +19,7 @@ Procedure of ``train``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -145,8 +146,7 @@ def drop_prompts(prompts: list[str], dropout: float) -> list[str]:
     return ["" if random.random() < dropout else p for p in prompts]
 
 
-def encode_text(parts, prompts: list[str], dropout: float = 0.0) -> torch.Tensor:
-    prompts = drop_prompts(prompts, dropout) if dropout else prompts
+def encode_text(parts, prompts: list[str]) -> torch.Tensor:
     tok = parts.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
@@ -157,12 +157,15 @@ def images_device(parts) -> torch.device:
     return next(parts.unet.parameters()).device
 
 
+@dataclasses.dataclass
 class Denoised:
-    """One denoising pass over a batch, kept for a second look (the prompt contrast): the noisy latents, noise
-    and timesteps, the prompts the U-Net read (after dropout), its target and per-image squared error."""
+    """One denoising pass over a batch, kept for a second look (the prompt contrast)."""
 
-    def __init__(self, noisy, t, prompts, target, per):
-        self.noisy, self.t, self.prompts, self.target, self.per = noisy, t, prompts, target, per
+    noisy: torch.Tensor  # the noisy latents
+    t: torch.Tensor  # their timesteps
+    prompts: list[str]  # what the U-Net read (after dropout)
+    target: torch.Tensor  # epsilon or v
+    per: torch.Tensor  # per-image squared error (before min-SNR weighting)
 
 
 def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig,
