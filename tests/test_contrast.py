@@ -10,7 +10,7 @@ import torch
 from training.data.reports import mention_sentences, strip_mentions
 from training.findings import OBSERVATIONS
 from training.train.contrast import (ContrastLabel, check_contrast, contrast_labels, contrast_loss, contrast_pairs,
-                                     label_kinds)
+                                     film_kinds, film_pairs, label_kinds)
 
 DEVICES = ("endotracheal_tube", "central_line")
 SD = OBSERVATIONS.index("Support Devices")
@@ -178,3 +178,116 @@ def test_train_with_the_contrast_logs_its_pairs(tmp_path):
     assert len(log) == 3 and sum(r["contrast_pairs"] for r in log) > 0
     assert all(("loss_contrast" in r) == (r["contrast_pairs"] > 0) for r in log)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["contrast"] == {"Support Devices": 20.0}
+
+
+# --------------------------------------------------------------------------- --contrast-films
+
+
+def test_film_pairs_take_the_positives_that_have_a_counterfactual():
+    prompts = [f"{TUBE} {LINE} Lungs clear.", f"{LINE} Small effusion.", "No effusion.", f"{TUBE} Clear."]
+    pairs = film_pairs(prompts, torch.tensor([True, True, False, False]), labels_of(1, 1, 0, 1), [spec(weight=2.0)])
+    # both device sentences go from the first; a positive without a rendered counterfactual (the last) is not used
+    assert pairs == [(0, "Lungs clear.", 2.0), (1, "Small effusion.", 2.0)]
+    truth = {"findings": [{"kind": "central_line"}, {"kind": "pleural_effusion"}]}
+    assert film_kinds(truth, labels_of(1)[0], [spec()]) == frozenset({"central_line"})
+    assert film_kinds(truth, labels_of(0)[0], [spec()]) == frozenset()
+
+
+def film_batch(prompts, labels, with_, without):
+    """A batch whose films' posteriors are point masses at ``with_`` / ``without`` (log-variance -30)."""
+    point = lambda z: torch.cat([z, torch.full_like(z, -30.0)], 1)  # noqa: E731
+    return {"prompt": prompts, "labels": labels, "film_dist": torch.stack([point(with_), point(without)], 1),
+            "has_film": torch.ones(len(prompts), dtype=torch.bool)}
+
+
+def test_the_film_margin_is_zero_when_the_films_agree_whatever_the_words_buy(micro):
+    """The difference in differences: a text tell (words that help on every film) earns nothing; only a model whose
+    words help more on the film with the device than on the one without wins it."""
+    prompts = [f"{TUBE} Lungs clear.", f"{LINE} Small effusion."]
+    labels = labels_of(1, 1)
+    parts, sched, den, _ = denoised_batch(micro, prompts, labels)
+    plain, plain_logs = contrast_loss(parts, sched, den, {"prompt": prompts, "labels": labels}, [spec()], 1000.0, 5.0)
+    assert plain_logs["contrast_margin"] != 0.0  # these words do buy something on a film
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    loss, logs = contrast_loss(parts, sched, den, film_batch(prompts, labels, z, z.clone()), [spec(weight=3.0)],
+                               1000.0, 5.0)
+    assert logs["contrast_pairs"] == 2 and logs["contrast_margin"] == 0.0
+    assert loss.item() == pytest.approx(3.0 * math.log(2) / 1000)
+    other = z + torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    batch = film_batch(prompts, labels, z, other)
+    _, logs = contrast_loss(parts, sched, den, batch, [spec()], 1000.0, 5.0)
+    assert logs["contrast_margin"] != 0.0
+    _, again = contrast_loss(parts, sched, den, batch, [spec()], 1000.0, 5.0)
+    assert again == logs  # its draws come from the batch's reports: the same batch, the same margin
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    contrast_loss(parts, sched, den, batch, [spec()], 1000.0, 5.0)
+    assert torch.rand(1) == before  # and the run's generator is untouched
+
+
+def test_descending_the_film_contrast_makes_the_words_read_the_film(micro):
+    import copy
+
+    pipe = copy.deepcopy(micro)
+    prompts = [f"{TUBE} Lungs clear.", f"{LINE} Small effusion."]
+    labels = labels_of(1, 1)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    device = torch.zeros_like(z)
+    device[:, :, 1, 1:3] = 1.5  # what the device adds to the film's latent
+    batch = film_batch(prompts, labels, z + device, z)
+    opt = torch.optim.Adam(list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters()), lr=1e-3)
+    margins = []
+    for _ in range(15):
+        parts, sched, den, _ = denoised_batch(pipe, prompts, labels)
+        loss, logs = contrast_loss(parts, sched, den, batch, [spec()], beta=1000.0, snr_gamma=5.0)
+        opt.zero_grad(), loss.backward(), opt.step()
+        margins.append(logs["contrast_margin"])
+    assert margins[-1] > margins[0] and margins[-1] > 0
+
+
+def test_render_films_draws_each_device_exam_again_without_its_device(tmp_path):
+    from training.data.mimic import MimicCXRDataset
+    from training.simulator.dataset import SimulateConfig, simulate
+    from training.train.contrast import render_films
+
+    data = tmp_path / "sim"
+    simulate(SimulateConfig(out=str(data), n=24, size=128, seed=3, workers=1, real_fraction=0.0), progress=False)
+    ds = MimicCXRDataset(root=data, views=("PA", "AP"), split="train", size=32, normalize="unit")
+    ids = list(ds.frame["dicom_id"])
+    reports = [ds.prompt(r.subject_id, r.study_id) for r in ds.frame.itertuples()]
+    (s,) = contrast_labels({"Support Devices": 1.0}, reports, ds.labels)
+    rows, plus, minus = render_films(data, ids, ds.labels, [s], 32)
+    truth = {r["dicom_id"]: r for r in map(json.loads, (data / "ground_truth.jsonl").read_text().splitlines())}
+    have = [i for i, d in enumerate(ids) if {f["kind"] for f in truth[d]["findings"]} & set(DEVICES)]
+    assert rows == have and plus.shape == minus.shape == (len(rows), 1, 32, 32)
+    assert plus.min() >= -1 and plus.max() <= 1
+    # the stored film is the first render (JPEG aside); the second differs, and only a little (a catheter)
+    stored = torch.stack([ds[i]["image"] for i in rows])  # "unit": [-1, 1] like the renders
+    assert (stored - plus).abs().mean() < 0.02
+    diff = (plus - minus).abs().flatten(1)
+    assert (diff.max(1).values > 0.02).all() and (diff.mean(1) < 0.02).all()
+    with pytest.raises(ValueError, match="has no ground_truth.jsonl"):
+        render_films(tmp_path, ids, ds.labels, [s], 32)
+
+
+def test_train_with_contrast_films_logs_pairs_and_renders_once(tmp_path):
+    from micro_model import micro_checkpoint
+
+    from training.simulator.dataset import SimulateConfig, simulate
+    from training.train.config import FinetuneConfig
+    from training.train.loop import train
+
+    data = tmp_path / "sim"
+    simulate(SimulateConfig(out=str(data), n=24, size=128, seed=3, workers=1, real_fraction=0.0), progress=False)
+    kw = dict(data=str(data), out=str(tmp_path / "run"), model=str(micro_checkpoint(tmp_path / "m")), batch_size=8,
+              num_workers=0, sample_every=0, checkpoint_every=1, warmup_steps=1, cache_latents=True,
+              oversample={"Support Devices": 4}, contrast={"Support Devices": 20.0}, contrast_films=True)
+    train(FinetuneConfig(steps=2, **kw), progress=False)
+    films = tmp_path / "run" / "contrast_films.pt"
+    stamp = films.stat().st_mtime_ns
+    train(FinetuneConfig(steps=3, **kw), progress=False)  # resumed: the renders are read back, not made again
+    assert films.stat().st_mtime_ns == stamp
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and sum(r["contrast_pairs"] for r in log) > 0
+    assert all(("loss_contrast" in r) == (r["contrast_pairs"] > 0) for r in log)

@@ -124,6 +124,9 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--contrast", "Support Devices=x"], "--contrast 'Support Devices=x': expected LABEL=W, e.g. 'Support Devices=20'"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-beta", "0"], "--contrast-beta must be > 0"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--train", "vae"], "--contrast is a term of the denoising"),
+    (["--init", "tiny", "--contrast-films", "--cache-latents"], "--contrast-films changes how --contrast pairs films"),
+    (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-films"], "--contrast-films encodes the "
+                                                                                "counterfactual films once: add --cache-latents"),
 ])
 def test_cli_errors_are_clear(data, tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path),

@@ -1,5 +1,5 @@
 """Small helpers shared by every saved model folder (judge, panel, rewards): JSON-safe metadata and
-safetensors weights read with errors that name the file."""
+safetensors weights read with errors that name the file; tensors a resumed run must not make again."""
 
 from __future__ import annotations
 
@@ -52,3 +52,22 @@ def read_meta(path: Path, what: str, required: tuple[str, ...], format_version: 
     if meta["format"] != format_version:
         raise ValueError(f"{path}: {what} format {meta['format']!r}, this code reads {format_version}")
     return meta
+
+
+def cached_tensors(path: Path, key, make):
+    """``make()``'s tensors, kept in ``path`` with ``key``: reused when the key matches (a resumed run), made
+    again when the file is absent, foreign or unreadable."""
+    import torch
+
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if blob.get("key") == key:
+                return blob["value"]
+        except Exception:  # a truncated or foreign file: make it again and overwrite it
+            pass
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return value

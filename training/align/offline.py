@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import cached_tensors
 from .objectives import dpo_loss, rwl_loss
 
 
@@ -254,23 +255,6 @@ def counterfactual_films(rows: list[dict], real_fraction: float, size: int, fact
     return as_batch(winners), as_batch(losers), changes
 
 
-def _cached(path: Path, key, make):
-    """``make()``'s tensors, kept in ``path`` with ``key``: reused when the key matches (a resumed run), made
-    again when the file is absent, foreign or unreadable."""
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("key") == key:
-                return blob["value"]
-        except Exception:  # a truncated or foreign file: make it again and overwrite it
-            pass
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return value
-
-
 def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
     """spin's pairs for the real films ``real`` ((image, prompt, labels) each). ``cfg.losers``:
 
@@ -293,7 +277,7 @@ def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
         rows = [r[3] for r in real]
         key = {"films": [(r["seed"], r["index"]) for r in rows], "size": size, "seed": cfg.seed,
                "factors": cfg.real_oversample or {}, "real_fraction": sim.get("real_fraction", 0.5)}
-        w, lo, changes = _cached(out / "counterfactual.pt", key, lambda: counterfactual_films(
+        w, lo, changes = cached_tensors(out / "counterfactual.pt", key, lambda: counterfactual_films(
             rows, key["real_fraction"], size, cfg.real_oversample, cfg.seed))
         from collections import Counter
 
@@ -311,7 +295,7 @@ def real_pairs(pipe, reference, real: list, cfg, out: Path) -> RealPairs:
                                              size))[:, None] * 2 - 1
 
     key = {"prompts": prompts, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance, "size": size}
-    losers = _cached(out / "self_play.pt", key, sample)
+    losers = cached_tensors(out / "self_play.pt", key, sample)
     return RealPairs(latents_of(pipe, winners), latents_of(pipe, losers), prompts, len(prompts))
 
 

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contrast-beta", type=float, dest="contrast_beta",
                    help="the contrast's logistic scale on the per-image MSE margin: past a margin of a few / BETA the "
                         "term lets go (default 20000, near 2e-4: what a catheter is worth)")
+    p.add_argument("--contrast-films", action="store_true", default=None, dest="contrast_films",
+                   help="simulated data (with --cache-latents): a positive film's contrast is taken between its exam "
+                        "rendered with and without the label's findings, so the words alone cannot win it")
     p.add_argument("--snr-gamma", type=parse_snr_gamma, dest="snr_gamma", metavar="GAMMA|off",
                    help="min-SNR loss weighting (Hang et al. 2023; default 5): each timestep's loss is weighted "
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "

@@ -53,6 +53,9 @@ class FinetuneConfig:
     contrast: dict = dataclasses.field(default_factory=dict)
     # the contrast's logistic scale on the (min-SNR weighted) per-image MSE margin: past a few / beta it lets go
     contrast_beta: float = 20000.0
+    # simulated data: a positive film's margin is taken between its exam rendered with and without the label's
+    # findings (difference in differences, train/contrast.py): only a model that reads the film can win it
+    contrast_films: bool = False
     # -- VAE stage --
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
@@ -110,6 +113,16 @@ class FinetuneConfig:
             check_contrast(self.contrast, self.contrast_beta)
             if not set(self.train) & {"unet", "text_encoder"}:
                 raise ValueError("--contrast is a term of the denoising loss: include unet or text_encoder in --train")
+        if self.contrast_films:
+            if not self.contrast:
+                raise ValueError("--contrast-films changes how --contrast pairs films: give --contrast LABEL=W")
+            if not self.cache_latents:
+                raise ValueError("--contrast-films encodes the counterfactual films once: add --cache-latents")
+            from ..data.mimic import GROUND_TRUTH
+
+            if not (Path(self.data) / GROUND_TRUTH).is_file():
+                raise ValueError(f"--contrast-films renders the training exams again: {self.data} has no "
+                                 f"{GROUND_TRUTH} (simulated data only)")
         if self.unet_attention:
             from ..model.components import attention_kind
 

@@ -33,6 +33,18 @@ for 845 device films), a sentence on a report body it never came with is a tell,
 README's "A finer latent grid" the trained margin is the same on an exam rendered with and without the device.
 ``benchmarks/contrast_margins.py`` measures the part of the margin that reads the film; watch that, not
 ``contrast_acc``.
+
+``--contrast-films`` (simulated data) takes the words' part out. Each positive film's exam is rendered again by
+the simulator twice, as it was (x+) and without the label's findings (x-, every other draw kept, as
+``align spin --losers counterfactual`` does), and the margin is the difference between the two films of what the
+sentences buy, on the same noise and timestep:
+
+    margin = w(t) * ([err(x+_t, stripped) - err(x+_t, p)] - [err(x-_t, stripped) - err(x-_t, p)])
+
+A sentence that helps on every film alike (a text tell) cancels between the brackets, as does how hard each film
+is to denoise (within a bracket): what is left grows only if the words make the model draw the device where the
+film has one. A film without a device under the device sentence (x-) is the negative, so no report gets a foreign
+sentence in this form. It costs four U-Net passes a positive film; the renders are kept in OUT/contrast_films.pt.
 """
 
 from __future__ import annotations
@@ -127,18 +139,119 @@ def contrast_loss(parts, noise_sched, denoised, batch: dict, specs: Sequence[Con
     margin is positive (the diffusion classifier's accuracy on them) and the mean margin."""
     from .loop import encode_text, min_snr_weight
 
-    pairs = contrast_pairs(batch["prompt"], denoised.prompts, batch["labels"], specs)
+    films = "has_film" in batch  # --contrast-films: the counterfactual films' margins instead
+    if films:
+        pairs = film_pairs(batch["prompt"], batch["has_film"], batch["labels"], specs)
+    else:
+        pairs = contrast_pairs(batch["prompt"], denoised.prompts, batch["labels"], specs)
     if not pairs:
         return None, {"contrast_pairs": 0}
     dev = denoised.noisy.device
     idx = torch.tensor([i for i, _, _ in pairs], device=dev)
     weight = torch.tensor([w for _, _, w in pairs], device=dev)
-    # for positives and negatives alike the report is the right reading and the other text the wrong one
-    other = parts.unet(denoised.noisy[idx], denoised.t[idx], encode_text(parts, [o for _, o, _ in pairs])).sample
-    err_other = F.mse_loss(other.float(), denoised.target[idx].float(), reduction="none").mean(dim=(1, 2, 3))
-    w_t = min_snr_weight(noise_sched, denoised.t[idx], snr_gamma) if snr_gamma else torch.ones_like(err_other)
-    margin = w_t * (err_other - denoised.per[idx])
+    if films:  # its own draws, from a generator seeded by the batch's reports: the run's RNGs are untouched
+        gen = torch.Generator().manual_seed(zlib.crc32("\n".join(batch["prompt"]).encode()))
+        margin = film_margins(parts, noise_sched, batch, pairs, denoised.t[idx], snr_gamma, gen)
+    else:  # for positives and negatives alike the report is the right reading and the other text the wrong one
+        other = parts.unet(denoised.noisy[idx], denoised.t[idx], encode_text(parts, [o for _, o, _ in pairs])).sample
+        err_other = F.mse_loss(other.float(), denoised.target[idx].float(), reduction="none").mean(dim=(1, 2, 3))
+        w_t = min_snr_weight(noise_sched, denoised.t[idx], snr_gamma) if snr_gamma else torch.ones_like(err_other)
+        margin = w_t * (err_other - denoised.per[idx])
     loss = (weight * F.softplus(-beta * margin)).mean() / beta
     margin = margin.detach()
     return loss, {"contrast_pairs": len(pairs), "contrast_acc": float((margin > 0).float().mean()),
                   "contrast_margin": float(margin.mean())}
+
+
+# --------------------------------------------------------------------------- the counterfactual films
+
+
+def film_kinds(truth: dict, labels, specs: Sequence[ContrastLabel]) -> frozenset[str]:
+    """The finding kinds to take out of a simulated exam (``truth``: its ground_truth.jsonl object, ``labels``
+    its CheXpert row) for its counterfactual film: those of every contrast label it is positive for."""
+    have = {f["kind"] for f in truth.get("findings", [])}
+    return frozenset(k for s in specs if float(labels[s.column]) == 1.0 for k in s.kinds if k in have)
+
+
+def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[ContrastLabel], size: int,
+                 progress: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(rows, with, without) for the films of a simulated data folder ``root`` (``dicom_ids`` and ``labels`` in
+    dataset order) that have a contrast label's findings: each exam drawn again from its (seed, index) and
+    rendered as it was and without those findings, (N, 1, size, size) in [-1, 1]; ``rows`` their dataset indices.
+    A ValueError when the folder is not simulated (no ground truth) or no film has the findings."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..data.mimic import GROUND_TRUTH, load_ground_truth
+    from ..simulator.anatomy import load_anatomy
+    from ..simulator.render import render_case
+    from ..simulator.sampler import sample_case
+
+    root = Path(root)
+    if not (root / GROUND_TRUTH).is_file():
+        raise ValueError(f"--contrast-films renders the training exams again: {root} has no {GROUND_TRUTH} "
+                         "(simulated data only)")
+    labels = np.asarray(labels)
+    wanted = [i for i in range(len(dicom_ids)) if any(labels[i, s.column] == 1.0 for s in specs)]
+    truth = load_ground_truth(root / GROUND_TRUTH, {str(dicom_ids[i]) for i in wanted})
+    sim = json.loads((root / "simulate_config.json").read_text()) if (root / "simulate_config.json").is_file() else {}
+    anat = load_anatomy()
+    rows, plus, minus = [], [], []
+    for i in tqdm(wanted, desc="render counterfactual films", unit="film", disable=not progress):
+        obj = truth[str(dicom_ids[i])]
+        kinds = film_kinds(obj, labels[i], specs)
+        if not kinds:  # positive by its report but drawn without the findings: nothing to take out
+            continue
+        case = sample_case(int(obj["seed"]), int(obj["index"]), float(sim.get("real_fraction", 0.5))).case
+        rows.append(i)
+        plus.append(render_case(anat, case, size)[0])
+        minus.append(render_case(anat, case, size, without=kinds)[0])
+    if not rows:
+        raise ValueError(f"--contrast-films: no film of {root} has the findings of {[s.label for s in specs]}")
+    as_batch = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
+    return rows, as_batch(plus), as_batch(minus)
+
+
+def film_pairs(prompts: Sequence[str], has_film: torch.Tensor, labels: torch.Tensor,
+               specs: Sequence[ContrastLabel]) -> list[tuple[int, str, float]]:
+    """(batch index, its report without the sentences of the labels it is positive for, weight) for each film of
+    the batch that has a counterfactual and a sentence to strip (the weight: the largest of its labels')."""
+    out = []
+    for i, p in enumerate(prompts):
+        if not bool(has_film[i]):
+            continue
+        mine = [s for s in specs if float(labels[i, s.column]) == 1.0 and mention_sentences(p, s.kinds)]
+        if mine:
+            kinds = tuple(k for s in mine for k in s.kinds)
+            out.append((i, strip_mentions(p, kinds), max(s.weight for s in mine)))
+    return out
+
+
+def film_margins(parts, noise_sched, batch: dict, pairs, t: torch.Tensor, snr_gamma: float | None,
+                 gen: torch.Generator) -> torch.Tensor:
+    """The difference-in-differences margin of each pair (module docstring): the films' latents sampled from
+    their cached posteriors with one draw for both, one noise draw for both, timesteps ``t``; one U-Net pass."""
+    from .loop import config_of, encode_text, min_snr_weight
+
+    idx = torch.tensor([i for i, _, _ in pairs])
+    dists = batch["film_dist"][idx].to(t.device)  # (P, 2, 2C, h, w): with, without
+    mean, logvar = dists.chunk(2, dim=2)
+    eps = torch.randn(mean[:, 0].shape, generator=gen).to(t.device)
+    z = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps[:, None]) * config_of(parts.vae).scaling_factor
+    # z: (P, 2, C, h, w)
+    noise = torch.randn(z[:, 0].shape, generator=gen).to(t.device)
+    n = len(pairs)
+    zz = z.transpose(0, 1).reshape(2 * n, *z.shape[2:])  # with x P, without x P
+    tt, nn = t.repeat(2), noise.repeat(2, 1, 1, 1)
+    noisy = noise_sched.add_noise(zz, nn, tt)
+    target = nn if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(zz, nn, tt)
+    reports = [batch["prompt"][i] for i, _, _ in pairs]
+    stripped = [o for _, o, _ in pairs]
+    texts = reports * 2 + stripped * 2  # (film, text): (+, p), (-, p), (+, stripped), (-, stripped)
+    pred = parts.unet(noisy.repeat(2, 1, 1, 1), tt.repeat(2), encode_text(parts, texts)).sample
+    err = F.mse_loss(pred.float(), target.repeat(2, 1, 1, 1).float(), reduction="none").mean(dim=(1, 2, 3))
+    plus_p, minus_p, plus_s, minus_s = err.view(4, n)
+    w_t = min_snr_weight(noise_sched, t, snr_gamma) if snr_gamma else torch.ones_like(plus_p)
+    return w_t * ((plus_s - plus_p) - (minus_s - minus_p))

@@ -94,21 +94,37 @@ def collate(items: list[dict]) -> dict:
     out = {key: torch.stack([it[key] for it in items]), "prompt": [it["prompt"] for it in items]}
     if "labels" in items[0]:  # CheXpert labels (NaN: not mentioned): the prompt contrast picks its pairs by them
         out["labels"] = torch.stack([it["labels"] for it in items])
+    if "has_film" in items[0]:  # --contrast-films: the counterfactual films' posteriors
+        out["film_dist"] = torch.stack([it["film_dist"] for it in items])
+        out["has_film"] = torch.tensor([it["has_film"] for it in items])
     return out
 
 
 class LatentSet(torch.utils.data.Dataset):
     """Cached VAE posteriors (mean and log-variance) with prompts and labels: a frozen VAE encodes each
-    image once instead of every epoch, and no JPEG is decoded while the U-Net trains."""
+    image once instead of every epoch, and no JPEG is decoded while the U-Net trains. ``add_films`` attaches
+    the counterfactual films of ``--contrast-films`` (a film without one gets zeros and ``has_film`` False)."""
 
     def __init__(self, dists: torch.Tensor, prompts: list[str], labels: torch.Tensor):
         self.dists, self.prompts, self.labels = dists, prompts, labels
+        self.film_row: torch.Tensor | None = None  # (N,) row of film_dists, -1 for none
+        self.film_dists: torch.Tensor | None = None  # (M, 2, 2C, h, w): posteriors with, without
+
+    def add_films(self, rows: list[int], film_dists: torch.Tensor) -> None:
+        self.film_row = torch.full((len(self.dists),), -1, dtype=torch.long)
+        self.film_row[torch.tensor(rows, dtype=torch.long)] = torch.arange(len(rows))
+        self.film_dists = film_dists
 
     def __len__(self) -> int:
         return len(self.dists)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latent_dist": self.dists[i], "prompt": self.prompts[i], "labels": self.labels[i]}
+        item = {"latent_dist": self.dists[i], "prompt": self.prompts[i], "labels": self.labels[i]}
+        if self.film_row is not None:
+            r = int(self.film_row[i])
+            item["has_film"] = r >= 0
+            item["film_dist"] = self.film_dists[r] if r >= 0 else torch.zeros_like(self.film_dists[0])
+        return item
 
 
 @torch.no_grad()
@@ -124,6 +140,26 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
         prompts += batch["prompt"]
         labels.append(batch["labels"])
     return LatentSet(torch.cat(dists), prompts, torch.cat(labels))
+
+
+@torch.no_grad()
+def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Path, progress: bool) -> None:
+    """--contrast-films: render the positive films' exams with and without the labels' findings (kept in
+    OUT/contrast_films.pt: a resumed run does not render again), encode both, attach them to ``latents``."""
+    from ..artifacts import cached_tensors
+    from .contrast import render_films
+
+    size = vae.config.sample_size
+    ids = [str(d) for d in ds.frame["dicom_id"]]
+    key = {"films": ids, "size": size, "labels": {s.label: list(s.kinds) for s in specs}}
+    rows, plus, minus = cached_tensors(out / "contrast_films.pt", key, lambda: render_films(
+        cfg.data, ids, ds.labels, specs, size, progress))
+    dists = []
+    for i in range(0, len(rows), 32):
+        x = torch.cat([plus[i:i + 32], minus[i:i + 32]]).to(vae.device)
+        d = vae.encode(to_model_channels(x, vae.config.in_channels)).latent_dist.parameters.cpu()
+        dists.append(torch.stack(d.chunk(2), dim=1))  # (n, 2, 2C, h, w)
+    latents.add_films(list(rows), torch.cat(dists))
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
@@ -412,7 +448,10 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         contrast = contrast_labels(cfg.contrast, prompts, labels)
     if cfg.cache_latents:
         pipe.vae.to(accelerator.device)
-        ds = cache_latents(pipe.vae, ds, cfg, progress)
+        latents = cache_latents(pipe.vae, ds, cfg, progress)
+        if cfg.contrast_films:
+            cache_films(pipe.vae, ds, latents, contrast, cfg, out, progress)
+        ds = latents
     if cfg.oversample:  # after caching: each image is encoded once however often it is seen
         ds = torch.utils.data.Subset(ds, oversampled(labels, cfg.oversample))
     mods = trainable(pipe, cfg)
