@@ -136,7 +136,9 @@ def contrast_pairs(prompts: Sequence[str], read: Sequence[str], labels: torch.Te
 def contrast_loss(parts, noise_sched, denoised, batch: dict, specs: Sequence[ContrastLabel], beta: float,
                   snr_gamma: float | None) -> tuple[torch.Tensor | None, dict]:
     """The term over the batch's pairs (None if it has none) and its logs: pairs, the share of pairs whose
-    margin is positive (the diffusion classifier's accuracy on them) and the mean margin."""
+    margin is positive (the diffusion classifier's accuracy on them) and the mean margin. A batch carrying
+    ``has_film`` / ``film_dist`` (``--contrast-films``) pairs its positives' counterfactual films (``film_pairs``,
+    ``film_margins``) and uses no negatives; otherwise ``contrast_pairs`` on the denoising pass ``denoised``."""
     from .loop import encode_text, min_snr_weight
 
     films = "has_film" in batch  # --contrast-films: the counterfactual films' margins instead
