@@ -44,27 +44,16 @@ BANDS = ((0, 25), (25, 100), (100, 300), (300, 600), (600, 1000))
 def exam_pairs(data: Path, kinds, n: int, size: int) -> dict:
     """{kind: (x+, x-, prompts)} for up to ``n`` exams of ``data`` (a simulated folder) per kind, test and
     validate exams first; films (N, 1, size, size) in [-1, 1]."""
-    import torch
-
-    from training.simulator.anatomy import load_anatomy
-    from training.simulator.render import render_case
-    from training.simulator.sampler import sample_case
+    from training.simulator.dataset import render_again
 
     rows = [json.loads(line) for line in (data / "ground_truth.jsonl").read_text().splitlines() if line.strip()]
     rows.sort(key=lambda r: r["split"] == "train")
-    real_fraction = float(json.loads((data / "simulate_config.json").read_text()).get("real_fraction", 0.5))
-    anat = load_anatomy()
     out = {}
     for kind in kinds:
         chosen = [r for r in rows if kind in {f["kind"] for f in r["findings"]}][:n]
-        plus, minus = [], []
-        for r in chosen:
-            case = sample_case(int(r["seed"]), int(r["index"]), real_fraction).case
-            plus.append(render_case(anat, case, size)[0])
-            minus.append(render_case(anat, case, size, without=frozenset({kind}))[0])
         if chosen:
-            films = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
-            out[kind] = (films(plus), films(minus), [r["prompt"] for r in chosen])
+            plus, minus = render_again(data, chosen, [frozenset({kind})] * len(chosen), size)
+            out[kind] = (plus, minus, [r["prompt"] for r in chosen])
     return out
 
 

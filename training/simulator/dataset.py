@@ -118,6 +118,26 @@ def render_one(task: tuple[str, int, int, int, float]) -> dict:
     }
 
 
+def render_again(root: Path, rows: list[dict], without: list[frozenset], size: int,
+                 progress: bool = False):
+    """Exams of the simulated folder ``root`` (``rows``: their ground_truth.jsonl objects) drawn again from
+    their (seed, index) and rendered twice by the same code: as they were, and without the kinds ``without[i]``
+    (every other random draw kept). Returns (with, without), (N, 1, size, size) in [-1, 1]."""
+    import torch
+    from tqdm import tqdm
+
+    cfg = Path(root) / CONFIG_FILE
+    real_fraction = float(json.loads(cfg.read_text()).get("real_fraction", 0.5)) if cfg.is_file() else 0.5
+    anat = load_anatomy()
+    plus, minus = [], []
+    for row, kinds in tqdm(list(zip(rows, without)), desc="render again", unit="exam", disable=not progress):
+        case = sample_case(int(row["seed"]), int(row["index"]), real_fraction).case
+        plus.append(render_case(anat, case, size)[0])
+        minus.append(render_case(anat, case, size, without=frozenset(kinds))[0])
+    as_batch = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
+    return as_batch(plus), as_batch(minus)
+
+
 def _worker_init() -> None:
     import torch
 

@@ -153,7 +153,7 @@ def contrast_loss(parts, noise_sched, denoised, batch: dict, specs: Sequence[Con
     weight = torch.tensor([w for _, _, w in pairs], device=dev)
     if films:  # its own draws, from a generator seeded by the batch's reports: the run's RNGs are untouched
         gen = torch.Generator().manual_seed(zlib.crc32("\n".join(batch["prompt"]).encode()))
-        margin = film_margins(parts, noise_sched, batch, pairs, denoised.t[idx], snr_gamma, gen)
+        margin = film_margins(parts, noise_sched, batch, pairs, idx, denoised.t[idx], snr_gamma, gen)
     else:  # for positives and negatives alike the report is the right reading and the other text the wrong one
         other = parts.unet(denoised.noisy[idx], denoised.t[idx], encode_text(parts, [o for _, o, _ in pairs])).sample
         err_other = F.mse_loss(other.float(), denoised.target[idx].float(), reduction="none").mean(dim=(1, 2, 3))
@@ -179,17 +179,13 @@ def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[Contras
                  progress: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """(rows, with, without) for the films of a simulated data folder ``root`` (``dicom_ids`` and ``labels`` in
     dataset order) that have a contrast label's findings: each exam drawn again from its (seed, index) and
-    rendered as it was and without those findings, (N, 1, size, size) in [-1, 1]; ``rows`` their dataset indices.
-    A ValueError when the folder is not simulated (no ground truth) or no film has the findings."""
-    import json
+    rendered as it was and without those findings (``simulator.dataset.render_again``), (N, 1, size, size) in
+    [-1, 1]; ``rows`` their dataset indices. A ValueError when the folder is not simulated (no ground truth) or
+    no film has the findings."""
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from ..data.mimic import GROUND_TRUTH, load_ground_truth
-    from ..simulator.anatomy import load_anatomy
-    from ..simulator.render import render_case
-    from ..simulator.sampler import sample_case
+    from ..simulator.dataset import render_again
 
     root = Path(root)
     if not (root / GROUND_TRUTH).is_file():
@@ -198,22 +194,13 @@ def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[Contras
     labels = np.asarray(labels)
     wanted = [i for i in range(len(dicom_ids)) if any(labels[i, s.column] == 1.0 for s in specs)]
     truth = load_ground_truth(root / GROUND_TRUTH, {str(dicom_ids[i]) for i in wanted})
-    sim = json.loads((root / "simulate_config.json").read_text()) if (root / "simulate_config.json").is_file() else {}
-    anat = load_anatomy()
-    rows, plus, minus = [], [], []
-    for i in tqdm(wanted, desc="render counterfactual films", unit="film", disable=not progress):
-        obj = truth[str(dicom_ids[i])]
-        kinds = film_kinds(obj, labels[i], specs)
-        if not kinds:  # positive by its report but drawn without the findings: nothing to take out
-            continue
-        case = sample_case(int(obj["seed"]), int(obj["index"]), float(sim.get("real_fraction", 0.5))).case
-        rows.append(i)
-        plus.append(render_case(anat, case, size)[0])
-        minus.append(render_case(anat, case, size, without=kinds)[0])
+    kinds = {i: film_kinds(truth[str(dicom_ids[i])], labels[i], specs) for i in wanted}
+    rows = [i for i in wanted if kinds[i]]  # a positive drawn without the findings has nothing to take out
     if not rows:
         raise ValueError(f"--contrast-films: no film of {root} has the findings of {[s.label for s in specs]}")
-    as_batch = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
-    return rows, as_batch(plus), as_batch(minus)
+    plus, minus = render_again(root, [truth[str(dicom_ids[i])] for i in rows], [kinds[i] for i in rows], size,
+                               progress)
+    return rows, plus, minus
 
 
 def film_pairs(prompts: Sequence[str], has_film: torch.Tensor, labels: torch.Tensor,
@@ -231,28 +218,28 @@ def film_pairs(prompts: Sequence[str], has_film: torch.Tensor, labels: torch.Ten
     return out
 
 
-def film_margins(parts, noise_sched, batch: dict, pairs, t: torch.Tensor, snr_gamma: float | None,
-                 gen: torch.Generator) -> torch.Tensor:
+def film_margins(parts, noise_sched, batch: dict, pairs, idx: torch.Tensor, t: torch.Tensor,
+                 snr_gamma: float | None, gen: torch.Generator) -> torch.Tensor:
     """The difference-in-differences margin of each pair (module docstring): the films' latents sampled from
     their cached posteriors with one draw for both, one noise draw for both, timesteps ``t``; one U-Net pass."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     from .loop import config_of, encode_text, min_snr_weight
 
-    idx = torch.tensor([i for i, _, _ in pairs])
-    dists = batch["film_dist"][idx].to(t.device)  # (P, 2, 2C, h, w): with, without
-    mean, logvar = dists.chunk(2, dim=2)
-    eps = torch.randn(mean[:, 0].shape, generator=gen).to(t.device)
-    z = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps[:, None]) * config_of(parts.vae).scaling_factor
-    # z: (P, 2, C, h, w)
-    noise = torch.randn(z[:, 0].shape, generator=gen).to(t.device)
     n = len(pairs)
-    zz = z.transpose(0, 1).reshape(2 * n, *z.shape[2:])  # with x P, without x P
+    dists = batch["film_dist"][idx.cpu()].to(t.device)  # (P, 2, 2C, h, w): with, without
+    post = DiagonalGaussianDistribution(dists.transpose(0, 1).flatten(0, 1))  # with x P, without x P
+    eps = torch.randn(post.mean[:n].shape, generator=gen).to(t.device)
+    zz = (post.mean + post.std * eps.repeat(2, 1, 1, 1)) * config_of(parts.vae).scaling_factor
+    noise = torch.randn(eps.shape, generator=gen).to(t.device)
     tt, nn = t.repeat(2), noise.repeat(2, 1, 1, 1)
     noisy = noise_sched.add_noise(zz, nn, tt)
     target = nn if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(zz, nn, tt)
     reports = [batch["prompt"][i] for i, _, _ in pairs]
     stripped = [o for _, o, _ in pairs]
-    texts = reports * 2 + stripped * 2  # (film, text): (+, p), (-, p), (+, stripped), (-, stripped)
-    pred = parts.unet(noisy.repeat(2, 1, 1, 1), tt.repeat(2), encode_text(parts, texts)).sample
+    emb_p, emb_s = encode_text(parts, reports + stripped).split(n)  # each text encoded once, read by both films
+    emb = torch.cat([emb_p, emb_p, emb_s, emb_s])  # (film, text): (+, p), (-, p), (+, stripped), (-, stripped)
+    pred = parts.unet(noisy.repeat(2, 1, 1, 1), tt.repeat(2), emb).sample
     err = F.mse_loss(pred.float(), target.repeat(2, 1, 1, 1).float(), reduction="none").mean(dim=(1, 2, 3))
     plus_p, minus_p, plus_s, minus_s = err.view(4, n)
     w_t = min_snr_weight(noise_sched, t, snr_gamma) if snr_gamma else torch.ones_like(plus_p)
