@@ -257,7 +257,11 @@ def test_a_resumed_align_run_ends_with_the_same_weights(micro_pipe, tmp_path):
     _, folder = micro_pipe
     straight = align(_align_cfg(tmp_path, folder, "a", method="draft", draft_k=1, ace=True), False)
     align(_align_cfg(tmp_path, folder, "b", method="draft", draft_k=1, ace=True, iterations=1), False)
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # killed after logging round 2, before saving it
+        f.write(json.dumps({"iteration": 2, "reward": 9.0}) + "\n")
     resumed = align(_align_cfg(tmp_path, folder, "b", method="draft", draft_k=1, ace=True, iterations=2), False)
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2] and log[1]["reward"] != 9.0
     a, _ = load(straight)
     b, _ = load(resumed)
     for (n, x), (_, y) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):

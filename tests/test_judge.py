@@ -235,6 +235,8 @@ def test_an_interrupted_judge_training_resumes_to_the_same_weights(sim, trained,
     with pytest.raises(KeyboardInterrupt):
         train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path)
     assert (tmp_path / J.STATE_FILE).is_file() and not (tmp_path / "judge.json").is_file()
+    with (tmp_path / "log.jsonl").open("a") as f:  # killed after logging epoch 2, before saving it
+        f.write(json.dumps({"epoch": 2, "train_loss": 9.0}) + '\n{"epoch": 3, "tr')
     monkeypatch.setattr(J, "_save_epoch", save)
     resumed = train_judge(dataset(sim, "train"), dataset(sim, None), cfg, tmp_path)
     for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):

@@ -75,6 +75,8 @@ def test_resume_is_exact(data, vae_run, tmp_path):
     common = dict(model=str(vae_run / "checkpoint"), train=("unet",), sample_every=0, checkpoint_every=2)
     straight = train(cfg(data, tmp_path / "a", steps=4, **common), progress=False)
     train(cfg(data, tmp_path / "b", steps=2, **common), progress=False)
+    with (tmp_path / "b" / "log.jsonl").open("a") as f:  # killed after logging step 3, before its state save
+        f.write(json.dumps({"step": 3, "loss_diffusion": 9.0}) + '\n{"step": 4, "lo')
     resumed = train(cfg(data, tmp_path / "b", steps=4, **common), progress=False)
     a, _ = load_pipeline(straight)
     b, _ = load_pipeline(resumed)

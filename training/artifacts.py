@@ -71,3 +71,29 @@ def cached_tensors(path: Path, key, make):
     torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     return value
+
+
+def trim_log(path: Path, key: str, last: int) -> int:
+    """Drop the rows of a JSON-lines log past ``last`` (``row[key] > last``) and any unreadable line, for a run
+    resumed from its state at ``last``: a run killed after logging a step and before saving its state logs that
+    step again on resume. Rows without ``key`` are kept. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by the kill
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get(key), (int, float)) and row[key] > last:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        tmp.replace(path)
+    return dropped

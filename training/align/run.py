@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import trim_log
 from . import offline
 from .config import AlignConfig
 
@@ -237,6 +238,8 @@ def align(cfg: AlignConfig, progress: bool = True) -> Path:
     stats = PerPromptStats(cfg.buffer, cfg.min_count) if cfg.method == "ddpo" else None
     watch = Watch(cfg, pipe, reward_fn, params)
     start, images, seconds = load_state(out, params, opt, stats, watch)
+    if opt.is_main:  # rounds logged after the state's last save are logged again (a new run: all of them)
+        trim_log(out / "log.jsonl", "iteration", start if start else -1)
     if pairs is not None and start == 0:
         images = pairs.images  # the losers were sampled for this run
     dcfg = ddpo.DDPOConfig(steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta, clip_range=cfg.clip_range,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.artifacts import jsonable as _jsonable, read_meta
+from training.artifacts import jsonable as _jsonable, read_meta, trim_log
 from training.evaluate.config import ARCHS, POOLINGS, PRECISIONS
 from training.findings import OBSERVATIONS
 
@@ -390,6 +390,8 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     start = _resume(out, cfg, judge, optimizer, sched, shuffle, aug)
     if start == 0:
         (out / LOG_FILE).write_text("")  # a fresh log: it describes this model only
+    else:  # an epoch logged after the state's last save is logged again below
+        trim_log(out / LOG_FILE, "epoch", start)
     metrics: dict = {}
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()

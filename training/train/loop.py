@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..artifacts import trim_log
 from ..findings import oversampled
 from ..model.checkpoint import Manifest, data_fingerprint, lineage_from, load_pipeline, save_checkpoint
 from ..model.components import TinyModelConfig, build_pipeline, relayout_unet, to_model_channels, train_tokenizer
@@ -469,6 +470,8 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     # 5. Resume.
     step, seen, done_seconds = load_state(accelerator, ema, out)
+    if accelerator.is_main_process:  # steps logged after the state's last save are logged again below
+        trim_log(out / "log.jsonl", "step", step)
     # 6. Loop.
     data = batches(ds, cfg, accelerator, seen)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
