@@ -86,6 +86,30 @@ def test_resume_is_exact(data, vae_run, tmp_path):
     assert log == [1, 2, 3, 4]
 
 
+def test_a_model_continues_at_twice_its_side(data, vae_run, tmp_path):
+    """--image-size 64 on a 32 px model: the same weights read 64 px films (8 x 8 latents), the checkpoint says
+    64 and generates at 64; its U-Net is the parent's, trained on."""
+    from training.generation import TorchBackend
+
+    parent, _ = load_pipeline(vae_run / "checkpoint")
+    assert parent.vae.config.sample_size == 32
+    folder = train(cfg(data, tmp_path / "big", model=str(vae_run / "checkpoint"), train=("unet",), image_size=64,
+                       cache_latents=True), progress=False)
+    pipe, _ = load_pipeline(folder)
+    assert pipe.vae.config.sample_size == 64 and pipe.unet.config.sample_size == 8
+    assert Manifest.read(folder).config["finetune"]["image_size"] == 64
+    backend = TorchBackend(folder, "cpu")
+    assert backend.native_size == 64
+    assert backend.generate(["Cardiomegaly."], 0, 2, 2.0, "", 1, backend.native_size).shape[-2:] == (64, 64)
+    changed = [n for (n, p), (_, q) in zip(pipe.unet.named_parameters(), parent.unet.named_parameters())
+               if not torch.equal(p, q)]
+    assert changed and all(p.shape == q.shape for p, q in zip(pipe.unet.parameters(), parent.unet.parameters()))
+    from training.train.loop import resize_model
+
+    with pytest.raises(ValueError, match=r"multiple of the VAE's downsampling \(8\), got 36"):
+        resize_model(pipe, 36)
+
+
 def test_loss_falls_on_a_fixed_batch(data, vae_run):
     from diffusers import DDPMScheduler
 
@@ -126,6 +150,8 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--contrast", "Support Devices=x"], "--contrast 'Support Devices=x': expected LABEL=W, e.g. 'Support Devices=20'"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-beta", "0"], "--contrast-beta must be > 0"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--train", "vae"], "--contrast is a term of the denoising"),
+    (["--init", "tiny", "--image-size", "64"], "--image-size resizes a loaded --model"),
+    (["--model", "m", "--image-size", "60"], "--image-size must be a multiple of 8 and >= 32, got 60"),
     (["--init", "tiny", "--contrast-films", "--cache-latents"], "--contrast-films changes how --contrast pairs films"),
     (["--init", "tiny", "--contrast", "Support Devices=1", "--contrast-films"], "--contrast-films encodes the "
                                                                                 "counterfactual films once: add --cache-latents"),

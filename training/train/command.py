@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(self- and cross-attention) or cross (cross-attention on the text only, cheap on a fine "
                         "grid), e.g. cross,full,full,none. With --model the loaded U-Net keeps every weight that "
                         "carries over and new attention starts as the identity; with --init tiny it sets the layout")
+    p.add_argument("--image-size", type=int, dest="image_size", metavar="PX",
+                   help="with --model: train at this image side instead of the model's own (a 128 px model "
+                        "continues at 256 px on a latent grid twice as fine; the weights are convolutional); the "
+                        "checkpoint generates at it")
     p.add_argument("--config", help="JSON file with FinetuneConfig fields; flags override it")
     p.add_argument("--train", help="comma list of vae,unet,text_encoder (default unet,text_encoder)")
     for name, typ in (("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float),

@@ -22,6 +22,10 @@ class FinetuneConfig:
     # per U-Net level, outermost first: "none" / "full" / "cross" attention (components.ATTENTION_KINDS); with
     # --model the loaded U-Net is relaid out (components.relayout_unet), with --init tiny it sets the layout
     unet_attention: tuple[str, ...] = ()
+    # with --model: train (and afterwards generate) at this image side instead of the model's own: the VAE and the
+    # U-Net are convolutional, so a 128 px model continues at 256 px on a latent grid twice as fine (SD 2's 512 ->
+    # 768 step); 0 = the model's own. With --init tiny the side is --model-config image_size
+    image_size: int = 0
     train: tuple[str, ...] = ("unet", "text_encoder")  # components to train (Chambon et al. compared these)
     views: tuple[str, ...] = ("PA", "AP")  # views to train on
     split: str = "train"  # data split to train on
@@ -123,6 +127,12 @@ class FinetuneConfig:
             if not (Path(self.data) / GROUND_TRUTH).is_file():
                 raise ValueError(f"--contrast-films renders the training exams again: {self.data} has no "
                                  f"{GROUND_TRUTH} (simulated data only)")
+        if self.image_size:
+            if self.init:
+                raise ValueError("--image-size resizes a loaded --model; for --init tiny give --model-config "
+                                 "'{\"image_size\": N}'")
+            if self.image_size < 32 or self.image_size % 8:
+                raise ValueError(f"--image-size must be a multiple of 8 and >= 32, got {self.image_size}")
         if self.unet_attention:
             from ..model.components import attention_kind
 

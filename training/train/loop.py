@@ -46,6 +46,8 @@ def build_model(cfg: FinetuneConfig, prompts: list[str]):
         pipe, _ = load_pipeline(cfg.model)
         if cfg.unet_attention:
             pipe.unet = relayout_unet(pipe.unet, cfg.unet_attention)
+        if cfg.image_size:
+            resize_model(pipe, cfg.image_size)
         return pipe
     from ..data.reports import load_reports
 
@@ -54,6 +56,17 @@ def build_model(cfg: FinetuneConfig, prompts: list[str]):
     tok = train_tokenizer(texts, mcfg.vocab_size, mcfg.max_length)
     torch.manual_seed(cfg.seed)
     return build_pipeline(mcfg, tok)
+
+
+def resize_model(pipe, size: int) -> None:
+    """Set the side ``pipe`` generates and trains at (its VAE's ``sample_size``, the U-Net's latent side): the
+    weights are convolutional and stay as they are. A ValueError when ``size`` is not a multiple of the VAE's
+    downsampling."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if size % factor:
+        raise ValueError(f"--image-size must be a multiple of the VAE's downsampling ({factor}), got {size}")
+    pipe.vae.register_to_config(sample_size=size)
+    pipe.unet.register_to_config(sample_size=size // factor)
 
 
 def trainable(pipe, cfg: FinetuneConfig) -> dict[str, torch.nn.Module]:
