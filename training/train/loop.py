@@ -62,7 +62,7 @@ def resize_model(pipe, size: int) -> None:
     """Set the side ``pipe`` generates and trains at (its VAE's ``sample_size``, the U-Net's latent side): the
     weights are convolutional and stay as they are. A ValueError when ``size`` is not a multiple of the VAE's
     downsampling."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = pipe.vae_scale_factor  # diffusers' pipeline: 2 ** (VAE blocks - 1)
     if size % factor:
         raise ValueError(f"--image-size must be a multiple of the VAE's downsampling ({factor}), got {size}")
     pipe.vae.register_to_config(sample_size=size)
