@@ -15,7 +15,7 @@ can the judge still see the finding after the autoencoder?
 
 Writes a results JSON and a figure (per VAE: films, round trips, the round trip's finding x4).
 
-Usage: python benchmarks/vae_grid.py NAME=MODEL [NAME=MODEL ...] [--data runs/sim-panel] [--n 40]
+Usage: python benchmarks/vae_grid.py NAME=MODEL [NAME=MODEL ...] [--data runs/sim-panel] [--n 40] [--size PX]
                                      [--judge runs/judge-bal --eval-data runs/sim256-judge --eval-n 600]
 """
 
@@ -109,6 +109,8 @@ def main() -> int:
     p.add_argument("--data", default="runs/sim-panel", help="a simulated folder (cxrgen simulate --out)")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--n", type=int, default=40, help="exams per kind")
+    p.add_argument("--size", type=int, help="film side in px (default: the first VAE's own); a VAE is "
+                   "convolutional, so 256 measures a 128 px model's VAE on the films a 256 px generator would draw")
     p.add_argument("--figure-kind", default="central_line", help="the finding shown in the figure")
     p.add_argument("--figure", default="docs/vae_grid.png")
     p.add_argument("--judge", help="an evaluation judge folder: also its AUROC on real films and round trips")
@@ -125,7 +127,10 @@ def main() -> int:
     for name, folder in models:
         pipe, manifest = load_pipeline(REPO / folder)
         vaes[name], versions[name] = pipe.vae.eval(), (manifest.version if manifest else None)
-    size = next(iter(vaes.values())).config.sample_size
+    size = args.size if args.size is not None else next(iter(vaes.values())).config.sample_size
+    factors = {name: 2 ** (len(vae.config.block_out_channels) - 1) for name, vae in vaes.items()}
+    if size <= 0 or any(size % f for f in factors.values()):
+        p.error(f"--size {size}: not a multiple of every VAE's downsampling factor ({factors})")
     t0 = time.time()
     pairs = exam_pairs(Path(args.data), kinds, args.n, size)
     res = {name: measure(vae, pairs) for name, vae in vaes.items()}

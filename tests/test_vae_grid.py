@@ -59,3 +59,12 @@ def test_judged_scores_real_films_and_each_round_trip(tmp_path):
     assert set(out) == {"n", "real", "8x", "4x"} and 0 < out["n"] <= 8
     assert set(out["8x"]) == set(out["real"]) == set(out["4x"])
     assert all(math.isnan(v) or 0 <= v <= 1 for r in ("real", "8x", "4x") for v in out[r].values())
+
+
+@pytest.mark.parametrize("size", ["100", "0"])
+def test_a_size_the_vae_cannot_tile_is_a_cli_error(size, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["vae_grid.py", "8x=models/default", "--size", size, "--figure", ""])
+    with pytest.raises(SystemExit) as e:
+        vae_grid.main()
+    assert e.value.code == 2
+    assert f"--size {size}: not a multiple of every VAE's downsampling factor" in capsys.readouterr().err
