@@ -123,12 +123,12 @@ def main() -> int:
         p.error(f"--judge {args.judge}: no such folder")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
 
-    vaes, versions = {}, {}
+    vaes, versions, factors = {}, {}, {}
     for name, folder in models:
         pipe, manifest = load_pipeline(REPO / folder)
         vaes[name], versions[name] = pipe.vae.eval(), (manifest.version if manifest else None)
+        factors[name] = pipe.vae_scale_factor
     size = args.size if args.size is not None else next(iter(vaes.values())).config.sample_size
-    factors = {name: 2 ** (len(vae.config.block_out_channels) - 1) for name, vae in vaes.items()}
     if size <= 0 or any(size % f for f in factors.values()):
         p.error(f"--size {size}: not a multiple of every VAE's downsampling factor ({factors})")
     t0 = time.time()
