@@ -309,3 +309,163 @@ def test_cxrgen_judge_train_writes_a_judge_and_names_bad_flags(sim, tmp_path, ca
     assert "expected NAME=K" in capsys.readouterr().err
     assert main(["judge", "train", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ spot head (finding masks)
+
+LESIONS = ("calcified_granuloma", "nodule", "mass")
+
+
+@pytest.fixture(scope="module")
+def masks(sim):
+    from training.simulator.masks import finding_masks
+
+    return finding_masks(sim, LESIONS, grid=32, workers=1, progress=False)
+
+
+def test_finding_masks_mark_where_each_kind_lies_and_only_exams_that_show_one(sim, masks):
+    from training.simulator.masks import load_masks
+
+    rows = {json.loads(line)["dicom_id"]: json.loads(line)
+            for line in (sim / "ground_truth.jsonl").read_text().splitlines()}
+    union, facts = load_masks(sim)  # the folder finds its finding_masks.npz
+    assert facts == {"kinds": list(LESIONS), "grid": 32, "rel": 0.3, "size": 128}
+    shown = {d for d, r in rows.items() if any(f["kind"] in LESIONS for f in r["findings"])}
+    assert set(union) == shown and len(shown) >= 5  # exams without a lesion are not stored: empty by construction
+    area = {}
+    for kind in LESIONS:
+        per_kind, _ = load_masks(masks, (kind,))
+        for d, m in per_kind.items():
+            has = any(f["kind"] == kind for f in rows[d]["findings"])
+            assert m.any() == has, (d, kind)  # a kind's bit is set exactly on the films that show it
+            if has:
+                area.setdefault(kind, []).append(int(m.sum()))
+                assert (m & ~union[d]).sum() == 0  # the union holds every kind's cells
+    # a calcified granuloma (3-8 mm) covers a few cells, a mass (> 3 cm) many more
+    assert max(area["calcified_granuloma"]) < min(area["mass"]), area
+    assert all(a < 0.1 * 32 * 32 for a in area["calcified_granuloma"])
+
+
+def test_finding_masks_name_bad_input(sim, tmp_path, masks):
+    from training.simulator.masks import finding_masks, load_masks
+
+    with pytest.raises(ValueError, match="simulator kinds"):
+        finding_masks(sim, ("granuloma",), workers=1, progress=False)
+    with pytest.raises(ValueError, match="grid must divide"):
+        finding_masks(sim, LESIONS, grid=48, workers=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a simulated data set"):
+        finding_masks(tmp_path, LESIONS, workers=1, progress=False)
+    with pytest.raises(FileNotFoundError, match="--finding-masks"):
+        load_masks(tmp_path)
+    with pytest.raises(ValueError, match=r"not of \['central_line'\]"):
+        load_masks(masks, ("central_line",))
+
+
+def test_spot_head_reads_the_stride_16_map_and_feeds_its_best_cell_to_the_findings(tmp_path):
+    from training.evaluate.judge import _feature_maps, save_judge
+
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        judge = CXRJudge(arch, SIZE, spot=True).eval()
+        f = judge.n_features
+        assert judge.findings.in_features == f + 1
+        x = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
+        with torch.no_grad():
+            out = judge(x)
+            mid, last = _feature_maps(judge.trunk, arch, judge.prepare(x))
+            assert out["spot"].shape == (2, 1, SIZE // 16, SIZE // 16) and mid.shape[-1] == SIZE // 16
+            assert torch.allclose(judge.features(x), last.mean((2, 3)), atol=1e-6)  # FID space unchanged
+            best = out["spot"].amax((2, 3))
+            assert torch.allclose(out["logits"], judge.findings(torch.cat([last.mean((2, 3)), best], 1)), atol=1e-5)
+    judge.train()
+    judge(x)["logits"].sum().backward()  # the findings loss alone reaches the spot head through its best cell
+    assert judge.spot_head[-1].weight.grad.abs().sum() > 0
+    save_judge(judge.eval(), JudgeConfig(arch=arch, image_size=SIZE, spot_kinds=list(LESIONS)), tmp_path)
+    loaded = load_judge(tmp_path)
+    assert loaded.spot and loaded.meta["spot_kinds"] == list(LESIONS)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)["spot"], judge(x)["spot"], atol=1e-6)
+    assert not CXRJudge("resnet18", SIZE).spot and "spot" not in CXRJudge("resnet18", SIZE).eval()(x)
+
+
+def test_spot_targets_and_loss(sim, masks):
+    from training.evaluate.judge import spot_loss, spot_targets
+    from training.simulator.masks import load_masks
+
+    ds = dataset(sim, None)
+    batch = collate([ds[i] for i in range(len(ds))])
+    table, _ = load_masks(masks)
+    t = spot_targets(batch, table, LESIONS)
+    assert t.shape == (len(ds), 1, 32, 32)
+    for i, gt in enumerate(batch["ground_truth"]):
+        shows = any(f["kind"] in LESIONS for f in gt["findings"])
+        assert bool(t[i].any()) == shows
+    # granulomas only: exams with only a nodule or a mass get empty targets
+    g = spot_targets(batch, load_masks(masks, ("calcified_granuloma",))[0], ("calcified_granuloma",))
+    assert g.sum() < t.sum()
+    missing = dict(table)
+    missing.pop(next(d for d, gt in zip(batch["dicom_id"], batch["ground_truth"])
+                     if any(f["kind"] == "mass" for f in gt["findings"])))
+    with pytest.raises(ValueError, match="no entry"):
+        spot_targets(batch, missing, LESIONS)
+    with pytest.raises(ValueError, match="return_ground_truth"):
+        spot_targets({"dicom_id": batch["dicom_id"], "ground_truth": None}, table, LESIONS)
+    # the loss: cells max-pooled onto the head's grid; a head that says "here" where the mask is scores lower
+    right = torch.where(torch.nn.functional.adaptive_max_pool2d(t, 4) > 0, 5.0, -5.0)
+    loss = lambda logits: float(spot_loss(logits, t, 10.0))  # noqa: E731
+    assert loss(right) < 0.01
+    assert loss(right) < min(loss(-right), loss(torch.full_like(right, 5.0)), loss(torch.full_like(right, -5.0)))
+    # positive cells weigh pos_weight times a negative one
+    off = torch.full_like(right, -5.0)
+    assert loss(off) > 5 * float(spot_loss(off, t, 1.0))
+
+
+def test_a_spot_judge_learns_where_the_lesions_are(sim, masks):
+    from training.evaluate.judge import spot_targets
+    from training.simulator.masks import load_masks
+
+    cfg, batch, _, _, gen = one_batch(sim, spot_kinds=list(LESIONS))
+    torch.manual_seed(0)
+    judge = CXRJudge("resnet18", SIZE, spot=True)
+    judge.set_pose_stats(*pose_stats(dataset(sim, "train")))
+    opt = make_optimizer(judge, cfg)
+    table, _ = load_masks(masks)
+    assert spot_targets(batch, table, LESIONS).any()  # the batch holds lesions to find
+    parts = [train_step(judge, batch, opt, cfg, gen, table) for _ in range(25)]
+    assert parts[-1]["spot_bce"] < 0.5 * parts[0]["spot_bce"], [p["spot_bce"] for p in parts]
+    with pytest.raises(ValueError, match="finding masks"):
+        train_step(judge, batch, opt, cfg, gen, None)
+
+
+def test_cxrgen_judge_train_with_a_spot_head(sim, masks, tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "spot"
+    assert main(["judge", "train", "--data", str(sim), "--out", str(out), "--read-size", "64", "--arch", "resnet18",
+                 "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--spot-kinds", "calcified_granuloma,nodule"]) == 0
+    meta = json.loads((out / "judge.json").read_text())
+    assert meta["spot_kinds"] == ["calcified_granuloma", "nodule"] and load_judge(out).spot
+    assert "train_spot_bce" in json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    assert main(["judge", "train", "--data", str(sim), "--out", str(tmp_path / "x"), "--spot-kinds", "dot"]) == 2
+    assert "spot_kinds: unknown simulator kind" in capsys.readouterr().err
+    assert main(["judge", "train", "--data", str(sim), "--out", str(tmp_path / "y"), "--spot-kinds", "nodule",
+                 "--spot-masks", str(tmp_path / "none.npz")]) == 2
+    assert "no finding masks" in capsys.readouterr().err
+
+
+def test_cxrgen_simulate_writes_finding_masks_and_names_bad_kinds(tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "sim"
+    args = ["simulate", "--out", str(out), "--n", "6", "--size", "128", "--seed", "1", "--workers", "1",
+            "--no-progress"]
+    assert main(args + ["--finding-masks", "calcified_granuloma", "--mask-grid", "16"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["finding_masks"].endswith("finding_masks.npz")
+    z = np.load(out / "finding_masks.npz")
+    assert z["masks"].shape[1:] == (16, 16) and list(z["kinds"]) == ["calcified_granuloma"]
+    assert main(args + ["--finding-masks", "granuloma"]) == 2
+    assert "--finding-masks: unknown simulator kind" in capsys.readouterr().err
+    assert main(args + ["--finding-masks", "nodule", "--mask-grid", "48"]) == 2
+    assert "--mask-grid must divide" in capsys.readouterr().err

@@ -104,6 +104,14 @@ def register_judge(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--oversample", metavar="NAME=K,...",
                    help="training images that show a simulator kind or CheXpert label appear K times per epoch, "
                         "e.g. 'nodule=4,mass=4'")
+    t.add_argument("--spot-kinds", metavar="KIND,...", default=None,
+                   help="simulator kinds a spot head learns to find cell by cell (16 px cells), from the data's "
+                        "finding masks (cxrgen simulate ... --finding-masks); its most confident cell feeds the "
+                        "findings head, e.g. 'calcified_granuloma,nodule,mass'")
+    t.add_argument("--spot-weight", type=float, default=None, dest="spot_weight",
+                   help="weight of the spot head's loss (default 1)")
+    t.add_argument("--spot-masks", default=None, dest="spot_masks",
+                   help="finding_masks.npz to learn from (default: DATA/finding_masks.npz)")
     t.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None)
     t.set_defaults(func=run_judge_train)
 
@@ -120,14 +128,19 @@ def run_judge_train(args: argparse.Namespace) -> int:
     if args.read_size < 32:
         raise ValueError(f"--read-size must be at least 32, got {args.read_size}")
     fields = {f.name for f in dataclasses.fields(JudgeConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None and k != "oversample"}
+    kw = {k: v for k, v in vars(args).items() if k in fields and v is not None and k not in ("oversample",
+                                                                                            "spot_kinds")}
+    if args.spot_kinds is not None:
+        kw["spot_kinds"] = [k.strip() for k in args.spot_kinds.split(",") if k.strip()]
+        if not kw["spot_kinds"]:
+            raise ValueError("--spot-kinds: no kind given")
     if args.oversample:
         kw["oversample"] = parse_oversample(args.oversample, "NAME=K, e.g. 'nodule=4'")
     cfg = JudgeConfig(**kw)
     from .harness import dataset
 
     ec = EvalConfig(out=args.out, data=args.data)
-    train, val = dataset(ec, "train", args.read_size, gt=cfg.posture or bool(cfg.oversample)), \
+    train, val = dataset(ec, "train", args.read_size, gt=cfg.posture or bool(cfg.oversample) or bool(cfg.spot_kinds)), \
         dataset(ec, "validate", args.read_size, gt=cfg.posture)
     if len(train) == 0:
         raise ValueError(f"{args.data} has no train split images")

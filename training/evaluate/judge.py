@@ -92,10 +92,26 @@ class JudgeConfig:
     oversample: dict = dataclasses.field(default_factory=dict)
     # the findings head's pooling, one of config.POOLINGS: "avgmax" adds the global max of every feature map
     pooling: str = "avg"
+    # simulator kinds the spot head learns to find (SPOT_STRIDE cells of the backbone, supervised by the data set's
+    # finding masks, training.simulator.masks); its most confident cell is one more input of the findings head,
+    # so one small dot can decide a label instead of being averaged away. Empty: no spot head (simulator data only)
+    spot_kinds: list = dataclasses.field(default_factory=list)
+    spot_weight: float = 1.0  # weight of the spot head's per-cell BCE next to the findings BCE
+    spot_pos_weight: float = 10.0  # BCE weight of a cell that holds a finding (they are a few cells in 256)
+    spot_masks: str = ""  # finding_masks.npz to learn from; "" = the training data set's own (DATA/finding_masks.npz)
 
     def __post_init__(self) -> None:
         _check_arch(self.arch)
         _check_pooling(self.pooling)
+        from training.findings import KINDS
+
+        self.spot_kinds = list(self.spot_kinds)
+        bad = [k for k in self.spot_kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"spot_kinds: unknown simulator kind(s) {bad}; known: {sorted(KINDS)}")
+        if self.spot_weight < 0 or not self.spot_pos_weight > 0:
+            raise ValueError(f"need spot_weight >= 0 and spot_pos_weight > 0; got {self.spot_weight}, "
+                             f"{self.spot_pos_weight}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         from training.findings import check_oversample
@@ -157,34 +173,53 @@ def _build_trunk(arch: str) -> tuple[nn.Module, int]:
     return trunk, n_features
 
 
-def _feature_map(trunk: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
-    """The trunk's last (N, F, h, w) feature map, before its global average pool: the same modules and
-    weights as ``trunk(x)``, which is this map's spatial mean."""
+SPOT_STRIDE = 16  # the spot head reads the backbone at 1/16 of the input side (16 x 16 cells at 256 px)
+MID_CHANNELS = {"densenet121": 1024, "resnet18": 256}  # channels of that stride-16 map
+
+
+def _feature_maps(trunk: nn.Module, arch: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the stride-16 map, the trunk's last (N, F, h, w) map before its global average pool): the same modules
+    and weights as ``trunk(x)``, which is the last map's spatial mean."""
     if arch == "densenet121":
-        return trunk[1](trunk[0](x))  # features (ending in norm5), ReLU
+        mid = trunk[0][:9](x)  # conv0 .. denseblock3 (before transition3 halves it)
+        return mid, trunk[1](trunk[0][9:](mid))  # ... norm5, ReLU
     x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))
-    return trunk.layer4(trunk.layer3(trunk.layer2(trunk.layer1(x))))
+    mid = trunk.layer3(trunk.layer2(trunk.layer1(x)))
+    return mid, trunk.layer4(mid)
+
+
+def _feature_map(trunk: nn.Module, arch: str, x: torch.Tensor) -> torch.Tensor:
+    """The trunk's last (N, F, h, w) feature map (see ``_feature_maps``)."""
+    return _feature_maps(trunk, arch, x)[1]
 
 
 class CXRJudge(nn.Module):
     """Backbone + two linear heads on the pooled features: ``findings`` (14) and ``posture`` (7).
 
     ``pooling="avgmax"`` gives the findings head the global max of the last feature maps beside their
-    average (POOLINGS); the posture head and ``features`` use the average alone.
+    average (POOLINGS); the posture head and ``features`` use the average alone. ``spot=True`` adds the spot
+    head: a small conv head on the stride-16 map giving one logit per cell (is a finding of the spot kinds
+    here?); the findings head also reads its largest cell.
 
     ``forward(x)`` returns ``{"logits": (N, 14), "posture": (N, 7) in physical units,
-    "posture_z": (N, 7) standardised}``; ``features(x)`` the pooled (N, F) features
-    (F = 1024 for densenet121, 512 for resnet18), the FID feature space.
+    "posture_z": (N, 7) standardised}`` (with ``spot``, also ``"spot": (N, 1, h, w)`` cell logits);
+    ``features(x)`` the pooled (N, F) features (F = 1024 for densenet121, 512 for resnet18), the FID
+    feature space.
     """
 
-    def __init__(self, arch: str = "densenet121", image_size: int = 128, pooling: str = "avg") -> None:
+    def __init__(self, arch: str = "densenet121", image_size: int = 128, pooling: str = "avg",
+                 spot: bool = False) -> None:
         super().__init__()
         _check_arch(arch)
         _check_pooling(pooling)
-        self.arch, self.image_size, self.pooling = arch, int(image_size), pooling
+        self.arch, self.image_size, self.pooling, self.spot = arch, int(image_size), pooling, bool(spot)
         self.trunk, self.n_features = _build_trunk(arch)
-        # "avgmax": the findings head reads the average and the max of every map (2F inputs)
-        self.findings = nn.Linear(self.n_features * (2 if pooling == "avgmax" else 1), len(OBSERVATIONS))
+        if self.spot:
+            c = MID_CHANNELS[arch]
+            self.spot_head = nn.Sequential(nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 1, 1))
+        # "avgmax": the findings head reads the average and the max of every map (2F inputs); spot: + 1
+        self.findings = nn.Linear(self.n_features * (2 if pooling == "avgmax" else 1) + int(self.spot),
+                                  len(OBSERVATIONS))
         self.posture = nn.Linear(self.n_features, len(POSE_KEYS))
         # Buffers, not attributes: saved and loaded with the weights, moved by .to(device).
         self.register_buffer("pose_mean", torch.zeros(len(POSE_KEYS)))
@@ -205,11 +240,16 @@ class CXRJudge(nn.Module):
         return self.trunk(self.prepare(x))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        fmap = _feature_map(self.trunk, self.arch, self.prepare(x))
+        mid, fmap = _feature_maps(self.trunk, self.arch, self.prepare(x))
         h = fmap.mean((2, 3))  # = features(x)
         pooled = torch.cat([h, fmap.amax((2, 3))], dim=1) if self.pooling == "avgmax" else h
+        out = {}
+        if self.spot:
+            out["spot"] = self.spot_head(mid)
+            pooled = torch.cat([pooled, out["spot"].amax((2, 3))], dim=1)
         z = self.posture(h)
-        return {"logits": self.findings(pooled), "posture": z * self.pose_std + self.pose_mean, "posture_z": z}
+        return {"logits": self.findings(pooled), "posture": z * self.pose_std + self.pose_mean, "posture_z": z,
+                **out}
 
     def standardize(self, pose: torch.Tensor) -> torch.Tensor:
         """Physical pose (N, 7) -> the standardised units the posture head is trained in."""
@@ -313,9 +353,37 @@ def pose_stats(ds) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------- training
 
 
+def spot_targets(batch: dict, masks: dict[str, np.ndarray], kinds: Sequence[str]) -> torch.Tensor:
+    """(N, 1, g, g) float targets of the spot head for a batch with ground truth: the stored mask of an exam
+    that shows one of ``kinds``, zeros for one that shows none (nothing to find). An exam that shows one
+    but has no stored mask is a ValueError (masks made for another data set, or before it grew)."""
+    gts = batch.get("ground_truth")
+    if gts is None or any(g is None for g in gts):
+        raise ValueError("the spot head needs simulator data loaded with return_ground_truth=True")
+    grid = next(iter(masks.values())).shape[-1] if masks else 1
+    out = torch.zeros(len(gts), 1, grid, grid)
+    for i, (dicom, gt) in enumerate(zip(batch["dicom_id"], gts)):
+        if not any(f["kind"] in kinds for f in gt.get("findings", [])):
+            continue
+        if dicom not in masks:
+            raise ValueError(f"dicom_id {dicom} shows one of {list(kinds)} but the finding masks have no entry "
+                             "for it: make them again for this data set (cxrgen simulate ... --finding-masks)")
+        out[i, 0] = torch.from_numpy(np.asarray(masks[dicom], dtype=np.float32))
+    return out
+
+
+def spot_loss(spot_logits: torch.Tensor, targets: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Per-cell BCE of the spot head, targets max-pooled from the masks' grid onto the head's cells."""
+    t = F.adaptive_max_pool2d(targets.to(spot_logits.device), spot_logits.shape[-2:])
+    return F.binary_cross_entropy_with_logits(spot_logits, t, pos_weight=torch.tensor(pos_weight,
+                                                                                       device=t.device))
+
+
 def judge_loss(judge: CXRJudge, batch: dict, images: torch.Tensor | None = None, posture: bool = True,
-               posture_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked BCE over the known labels (+ posture_weight x MSE on standardised pose).
+               posture_weight: float = 1.0, spot: torch.Tensor | None = None, spot_weight: float = 1.0,
+               spot_pos_weight: float = 10.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked BCE over the known labels (+ posture_weight x MSE on standardised pose, + spot_weight x the
+    spot head's per-cell BCE against ``spot`` targets when given).
 
     The BCE is the mean over entries where ``label_mask`` is True, so unknown
     (NaN: uncertain or unmentioned) labels neither push towards 0 nor count in
@@ -335,18 +403,31 @@ def judge_loss(judge: CXRJudge, batch: dict, images: torch.Tensor | None = None,
         mse = F.mse_loss(out["posture_z"], judge.standardize(batch["pose"].to(device)))
         loss = loss + posture_weight * mse
         parts["posture_mse"] = float(mse.detach())
+    if spot is not None:
+        if "spot" not in out:
+            raise ValueError("spot targets given to a judge without a spot head")
+        sl = spot_loss(out["spot"], spot, spot_pos_weight)
+        loss = loss + spot_weight * sl
+        parts["spot_bce"] = float(sl.detach())
     parts["loss"] = float(loss.detach())
     return loss, parts
 
 
 def train_step(judge: CXRJudge, batch: dict, optimizer: torch.optim.Optimizer, cfg: JudgeConfig,
-               generator: torch.Generator) -> dict[str, float]:
-    """One augmented optimisation step; returns the loss parts (before the update)."""
+               generator: torch.Generator, masks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """One augmented optimisation step; returns the loss parts (before the update). ``masks``: the finding
+    masks the spot head learns from (needed when ``cfg.spot_kinds``)."""
     judge.train()
     device = judge.pose_mean.device
     images = augment(batch["image"].to(device), cfg.jitter, generator)
+    spot = None
+    if cfg.spot_kinds:
+        if masks is None:
+            raise ValueError("cfg.spot_kinds needs the finding masks")
+        spot = spot_targets(batch, masks, cfg.spot_kinds)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss, parts = judge_loss(judge, batch, images, cfg.posture, cfg.posture_weight)
+        loss, parts = judge_loss(judge, batch, images, cfg.posture, cfg.posture_weight, spot, cfg.spot_weight,
+                                 cfg.spot_pos_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -374,7 +455,8 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # weight init
-    judge = CXRJudge(cfg.arch, cfg.image_size, cfg.pooling)
+    judge = CXRJudge(cfg.arch, cfg.image_size, cfg.pooling, spot=bool(cfg.spot_kinds))
+    masks = _spot_masks(train_ds, cfg) if cfg.spot_kinds else None
     if cfg.posture:
         judge.set_pose_stats(*pose_stats(train_ds))
     judge.to(device)
@@ -397,7 +479,7 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
         t0 = time.perf_counter()
         parts = []
         for batch in loader:
-            parts.append(train_step(judge, batch, optimizer, cfg, aug))
+            parts.append(train_step(judge, batch, optimizer, cfg, aug, masks))
             if sched is not None:
                 sched.step()
         metrics = {"epoch": epoch, **{f"train_{k}": float(np.mean([p[k] for p in parts])) for k in parts[0]}}
@@ -415,6 +497,23 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     save_judge(judge, cfg, out, metrics)
     (out / STATE_FILE).unlink(missing_ok=True)
     return judge.eval()
+
+
+def _spot_masks(ds, cfg: JudgeConfig) -> dict[str, np.ndarray]:
+    """The finding masks of ``cfg.spot_kinds`` for the training set: ``cfg.spot_masks``, else its data folder's."""
+    from training.simulator.masks import load_masks
+
+    path = cfg.spot_masks
+    if not path:
+        root = getattr(getattr(ds, "config", None), "root", None)
+        if root is None:
+            raise ValueError("spot_kinds: the training set has no data folder to read finding masks from; "
+                             "set spot_masks")
+        path = root
+    masks, facts = load_masks(path, tuple(cfg.spot_kinds))
+    log.info("judge: spot head learns %s from %d stored masks (%d px grid)", facts["kinds"], len(masks),
+             facts["grid"])
+    return masks
 
 
 STATE_FILE = "state.pt"  # the last finished epoch of an interrupted training: run it again to resume
@@ -582,7 +681,7 @@ def save_judge(judge: CXRJudge, cfg: JudgeConfig, out_dir: str | Path, metrics: 
         save_file(state, str(weights))
     meta = {
         "format": FORMAT_VERSION, "weights": weights.name, "arch": judge.arch, "image_size": judge.image_size,
-        "pooling": judge.pooling,
+        "pooling": judge.pooling, "spot": judge.spot, "spot_kinds": list(cfg.spot_kinds),
         "n_features": judge.n_features, "observations": list(OBSERVATIONS), "pose_keys": list(POSE_KEYS),
         "pose_mean": judge.pose_mean.tolist(), "pose_std": judge.pose_std.tolist(),
         "config": dataclasses.asdict(cfg), "metrics": metrics or {},
@@ -638,7 +737,7 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> CXRJudge
     meta = _read_meta(folder / META_FILE)
     weights = p if p.is_file() and p.name != META_FILE else folder / meta["weights"]
     state = _read_weights(weights)
-    judge = CXRJudge(meta["arch"], int(meta["image_size"]), meta.get("pooling", "avg"))
+    judge = CXRJudge(meta["arch"], int(meta["image_size"]), meta.get("pooling", "avg"), bool(meta.get("spot")))
     try:
         judge.load_state_dict(state, strict=True)
     except RuntimeError as e:
