@@ -54,6 +54,71 @@ def auroc_subset(scores, rows, label: str, keep) -> tuple[float | None, int]:
     return float(binary_auroc(scores[idx], y)), len(pos)
 
 
+def spot_maps(judge, ds, batch_size: int = 32):
+    """The spot head's (N, h, w) cell probabilities and the films (N, H, W) in [0, 1], in ``ds`` order."""
+    import torch
+
+    maps, films = [], []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            x = torch.stack([ds[j]["image"] for j in range(i, min(i + batch_size, len(ds)))])
+            maps.append(torch.sigmoid(judge(x)["spot"][:, 0].float()))
+            films.append((x[:, 0] + 1) / 2)
+    return torch.cat(maps), torch.cat(films)
+
+
+def spot_pointing(judge, ds, rows: list[dict], data: Path, figure: Path | None, k: int = 8) -> tuple[dict, str]:
+    """Does the spot head look where the lesion is? For each film showing one of the head's kinds, whether its
+    most confident cell touches the finding's mask (the pointing game: the mask's cells, grown by one cell),
+    per kind; and its most confident cell on films with no lesion (what it finds where there is nothing)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from training.simulator.masks import load_masks
+
+    kinds = judge.meta.get("spot_kinds") or []
+    maps, films = spot_maps(judge, ds)
+    h = maps.shape[-1]
+    out, lines = {"kinds": kinds, "by_kind": {}}, ["| spot head: kind | films | best cell on the finding |",
+                                                   "|---|---|---|"]
+    for kind in kinds:
+        table, _ = load_masks(data, (kind,))
+        hits = []
+        for i, r in enumerate(rows):
+            if r["dicom_id"] in table and table[r["dicom_id"]].any():
+                m = F.adaptive_max_pool2d(torch.from_numpy(table[r["dicom_id"]].astype(np.float32))[None], h)
+                m = F.max_pool2d(m[None], 3, 1, 1)[0, 0] > 0  # grown by one cell
+                hits.append(bool(m.flatten()[int(maps[i].argmax())]))
+        out["by_kind"][kind] = {"n": len(hits), "pointing": float(np.mean(hits)) if hits else None}
+        if hits:
+            lines.append(f"| {kind} | {len(hits)} | {np.mean(hits):.3f} |")
+    clean = [i for i, r in enumerate(rows) if not any(f["kind"] in kinds for f in r["findings"])]
+    lesion = [i for i, r in enumerate(rows) if any(f["kind"] in kinds for f in r["findings"])]
+    best = maps.flatten(1).amax(1).numpy()
+    out["best_cell_median"] = {"with_lesion": float(np.median(best[lesion])) if lesion else None,
+                               "without": float(np.median(best[clean])) if clean else None}
+    if figure is not None and lesion:
+        union, _ = load_masks(data, tuple(kinds))
+        side = films.shape[-1]
+        tiles = []
+        for i in lesion[:k]:
+            g = films[i].numpy()
+            heat = F.interpolate(maps[i][None, None], size=(side, side), mode="nearest")[0, 0].numpy()
+            rgb = np.stack([np.clip(g + 0.6 * heat, 0, 1), g * (1 - 0.4 * heat), g * (1 - 0.4 * heat)], -1)
+            m = torch.from_numpy(union[rows[i]["dicom_id"]].astype(np.float32))[None, None]
+            m = F.interpolate(m, size=(side, side), mode="nearest")[0, 0]
+            edge = (F.max_pool2d(m[None, None], 3, 1, 1)[0, 0] - m).numpy() > 0
+            rgb[edge] = (0.1, 1.0, 0.1)
+            tiles.append(np.concatenate([np.stack([g] * 3, -1), rgb], 0))
+        from PIL import Image
+
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.concatenate(tiles, 1) * 255).astype(np.uint8)).save(figure)
+        out["figure"] = str(figure.relative_to(REPO)) if figure.is_relative_to(REPO) else str(figure)
+    return out, "\n".join(lines)
+
+
 def main() -> int:
     import numpy as np
 
@@ -68,6 +133,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=128, help="the resolution the images are read at (the generator's)")
     p.add_argument("--labels", default=None, help="comma-separated labels (default: those with AUROC < 0.85)")
     p.add_argument("--out", default="benchmarks/results/judge-findings-cpu.json", help="results file")
+    p.add_argument("--figure", default=None,
+                   help="a judge with a spot head: PNG of test films with lesions, the head's cells (red) and the "
+                        "finding masks (green outline)")
     a = p.parse_args()
     if not (REPO / a.data / "ground_truth.jsonl").is_file():
         p.error(f"{a.data} has no ground_truth.jsonl: this diagnostic needs simulated data")
@@ -101,6 +169,9 @@ def main() -> int:
                 lines.append(f"| {label} | lesion {lo}-{hi} mm | {n} | {auc:.3f} |")
         lines.append(f"| {label} | all | {int(np.nansum(labels[:, j].numpy() == 1))} | {overall[label]:.3f} |")
         result["labels"][label] = {"auroc": overall[label], "by_kind": per_kind, "by_lesion_diameter": per_size}
+    if judge.spot:
+        result["spot"], text = spot_pointing(judge, ds, rows, REPO / a.data, REPO / a.figure if a.figure else None)
+        lines += ["", text]
     out = REPO / a.out
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("\n".join(lines))
