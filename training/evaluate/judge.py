@@ -445,7 +445,9 @@ def train_judge(train_ds, val_ds, cfg: JudgeConfig, out_dir: str | Path) -> CXRJ
     when ``cfg.posture``); load them at ``cfg.image_size`` to save decoding.
     ``val_ds`` may be None (no validation metrics). Each epoch logs the mean
     training loss parts and, with validation, AUROC per finding, their mean and
-    the posture errors. The returned model (in eval mode) is the last epoch's.
+    the posture errors. The returned model (in eval mode) is the last epoch's. With ``cfg.spot_kinds`` the
+    spot head learns from the finding masks (``cfg.spot_masks``, else the training data folder's
+    finding_masks.npz) and the training set needs ground truth.
     """
     from torch.utils.data import DataLoader
 
