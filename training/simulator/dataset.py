@@ -145,6 +145,20 @@ def _worker_init() -> None:
     load_anatomy()
 
 
+def worker_map(fn, tasks: list, workers: int, ordered: bool = True, chunksize: int = 4):
+    """``fn`` over ``tasks`` in ``workers`` spawned processes (one thread each, anatomy loaded once), or in this
+    process when ``workers`` is 1; yields results (in task order when ``ordered``). The pool ends with the loop."""
+    if workers == 1:
+        _worker_init()
+        yield from map(fn, tasks)
+        return
+    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
+    try:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks, chunksize=chunksize)
+    finally:
+        pool.terminate()
+
+
 def _check_config(root: Path, cfg: SimulateConfig) -> None:
     """Refuse to mix two data sets in one folder; remember the settings of a new one."""
     path = root / CONFIG_FILE
@@ -219,23 +233,14 @@ def simulate(cfg: SimulateConfig, progress: bool = True) -> dict:
     workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))
     bar = tqdm(total=len(tasks), desc="simulate", unit="img", disable=not progress)
     with open(root / GT_FILE, "a") as gt:
-        if workers == 1:
-            _worker_init()
-            results = map(render_one, tasks)
-            pool = None
-        else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init)
-            results = pool.imap_unordered(render_one, tasks, chunksize=4)
         try:
-            for row in results:
+            for row in worker_map(render_one, tasks, workers, ordered=False):
                 gt.write(json.dumps(row) + "\n")
                 gt.flush()  # a killed run keeps every finished image
                 done[row["index"]] = row
                 bar.update()
         finally:
             bar.close()
-            if pool is not None:
-                pool.terminate()
     rows = [done[i] for i in range(cfg.n)]
     write_tables(root, rows)
     return {"out": str(root), "n": cfg.n, "rendered": len(tasks), "skipped": cfg.n - len(tasks)}

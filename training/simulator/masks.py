@@ -15,7 +15,6 @@ not any model's output.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -52,22 +51,13 @@ def _footprint(task: tuple) -> tuple[str, np.ndarray]:
     return row["dicom_id"], out.numpy()
 
 
-def _init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    from .anatomy import load_anatomy
-
-    load_anatomy()
-
-
 def finding_masks(root: str | Path, kinds: tuple[str, ...] = LESION_KINDS, grid: int = 64, rel: float = 0.3,
                   workers: int = 0, progress: bool = True) -> Path:
     """Write ``root/MASKS_FILE`` for every exam of the simulated folder ``root`` that shows one of ``kinds``."""
     from tqdm import tqdm
 
     from ..findings import KINDS
-    from .dataset import CONFIG_FILE, GT_FILE
+    from .dataset import CONFIG_FILE, GT_FILE, worker_map
 
     root = Path(root)
     kinds = tuple(kinds)
@@ -91,22 +81,13 @@ def finding_masks(root: str | Path, kinds: tuple[str, ...] = LESION_KINDS, grid:
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     ids, masks = [], []
     bar = tqdm(total=len(tasks), desc="finding masks", unit="exam", disable=not progress)
-    if workers == 1:
-        _init()
-        results = map(_footprint, tasks)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init)
-        results = pool.imap(_footprint, tasks, chunksize=8)
     try:
-        for dicom, m in results:
+        for dicom, m in worker_map(_footprint, tasks, workers, ordered=True, chunksize=8):
             ids.append(dicom)
             masks.append(m)
             bar.update()
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
     out = root / MASKS_FILE
     tmp = out.with_name(out.stem + ".tmp.npz")
     np.savez_compressed(tmp, dicom_id=np.array(ids, dtype=str),
