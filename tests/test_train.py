@@ -291,3 +291,38 @@ def test_oversampling_repeats_the_images_positive_for_a_label():
     labels[3, dev] = np.nan  # unknown: not positive
     assert oversampled(labels, {"Support Devices": 3, "Pleural Effusion": 2}) == [0, 1, 1, 1, 2, 2, 2, 3]
     assert oversampled(labels, {}) == [0, 1, 2, 3]
+
+
+def test_cached_latents_are_kept_and_read_back_on_resume(data, vae_run, tmp_path):
+    """--cache-latents keeps the posteriors in OUT/latents.pt: a resumed run reads them back (no encoding), and
+    they are the ones a fresh encoding gives."""
+    from training.train import loop as L
+
+    kw = dict(model=str(vae_run / "checkpoint"), train=("unet",), cache_latents=True, checkpoint_every=1)
+    train(cfg(data, tmp_path, **kw), progress=False)
+    cache = tmp_path / "latents.pt"
+    stamp = cache.stat().st_mtime_ns
+    blob = torch.load(cache, weights_only=True)
+    pipe, _ = load_pipeline(vae_run / "checkpoint")
+    ds = L.make_dataset(cfg(data, tmp_path), pipe.vae.config.sample_size)
+    fresh = L.cache_latents(pipe.vae, ds, cfg(data, tmp_path), progress=False)  # no out: encoded here
+    assert torch.allclose(blob["value"]["dists"], fresh.dists, atol=1e-5)
+    assert blob["value"]["prompts"] == fresh.prompts and blob["key"]["size"] == 32
+    with mock.patch.object(pipe.vae, "encode", side_effect=AssertionError("encoded again")):
+        again = L.cache_latents(pipe.vae, ds, cfg(data, tmp_path), progress=False, out=tmp_path)
+    assert torch.equal(again.dists, blob["value"]["dists"])
+    train(cfg(data, tmp_path, **{**kw, "steps": 3}), progress=False)  # resumed
+    assert cache.stat().st_mtime_ns == stamp
+
+
+def test_encoder_fingerprint_follows_the_encoder_not_the_decoder(vae_run):
+    from training.train.loop import encoder_fingerprint
+
+    pipe, _ = load_pipeline(vae_run / "checkpoint")
+    before = encoder_fingerprint(pipe.vae)
+    with torch.no_grad():
+        next(pipe.vae.decoder.parameters()).add_(1.0)
+    assert encoder_fingerprint(pipe.vae) == before  # a decoder-only finetune keeps the cache valid
+    with torch.no_grad():
+        next(pipe.vae.encoder.parameters()).add_(1.0)
+    assert encoder_fingerprint(pipe.vae) != before

@@ -141,19 +141,47 @@ class LatentSet(torch.utils.data.Dataset):
         return item
 
 
+def encoder_fingerprint(vae) -> str:
+    """A digest of the weights that make a posterior (the encoder and quant_conv): cached latents are reused
+    only for the same encoder; a decoder-only finetune keeps it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (vae.encoder, getattr(vae, "quant_conv", None)):
+        if part is None:
+            continue
+        for name, t in sorted(part.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
-def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool) -> LatentSet:
+def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path | None = None) -> LatentSet:
+    """Encode ``ds`` once. With ``out``, the posteriors are kept in OUT/latents.pt (keyed by the films, their side
+    and the encoder's weights): a resumed run reads them back instead of encoding again (minutes at 256 px)."""
     from tqdm import tqdm
 
-    dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=cfg.num_workers,
-                                     collate_fn=collate)
-    dists, prompts, labels = [], [], []
-    for batch in tqdm(dl, desc="encode latents", unit="batch", disable=not progress):
-        x = to_model_channels(batch["image"].to(vae.device), vae.config.in_channels)
-        dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
-        prompts += batch["prompt"]
-        labels.append(batch["labels"])
-    return LatentSet(torch.cat(dists), prompts, torch.cat(labels))
+    def encode():
+        dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=cfg.num_workers,
+                                         collate_fn=collate)
+        dists, prompts, labels = [], [], []
+        for batch in tqdm(dl, desc="encode latents", unit="batch", disable=not progress):
+            x = to_model_channels(batch["image"].to(vae.device), vae.config.in_channels)
+            dists.append(vae.encode(x).latent_dist.parameters.cpu())  # (N, 2C, h, w): mean, logvar
+            prompts += batch["prompt"]
+            labels.append(batch["labels"])
+        return {"dists": torch.cat(dists), "prompts": prompts, "labels": torch.cat(labels)}
+
+    if out is None:
+        value = encode()
+    else:
+        from ..artifacts import cached_tensors
+
+        key = {"films": [str(d) for d in ds.frame["dicom_id"]], "size": int(ds.config.size), "data": str(cfg.data),
+               "encoder": encoder_fingerprint(vae)}
+        value = cached_tensors(out / "latents.pt", key, encode)
+    return LatentSet(value["dists"], value["prompts"], value["labels"])
 
 
 @torch.no_grad()
@@ -462,7 +490,7 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         contrast = contrast_labels(cfg.contrast, prompts, labels)
     if cfg.cache_latents:
         pipe.vae.to(accelerator.device)
-        latents = cache_latents(pipe.vae, ds, cfg, progress)
+        latents = cache_latents(pipe.vae, ds, cfg, progress, out)
         if cfg.contrast_films:
             cache_films(pipe.vae, ds, latents, contrast, cfg, out, progress)
         ds = latents
