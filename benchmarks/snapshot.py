@@ -36,8 +36,16 @@ def main() -> int:
 
     from training.model.checkpoint import Manifest, lineage_from, load_pipeline, save_checkpoint
 
+    from training.model.components import relayout_unet
+    from training.train.loop import resize_model
+
     pipe, parent = load_pipeline(a.parent)
     lineage = lineage_from(parent, a.parent)
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    if config.get("unet_attention"):  # the run relaid its U-Net out (--unet-attention): the EMA holds that layout
+        pipe.unet = relayout_unet(pipe.unet, tuple(config["unet_attention"]))
+    if config.get("image_size"):  # --image-size: the snapshot generates at the run's side
+        resize_model(pipe, int(config["image_size"]))
     saved = torch.load(ema_file, weights_only=False)
     for name, averaged in saved.items():
         params = [q for q in getattr(pipe, name).parameters()]
@@ -45,7 +53,6 @@ def main() -> int:
         ema.load_state_dict(averaged)
         ema.copy_to(params)
     step = json.loads(progress.read_text())["step"]
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     manifest = Manifest(version=f"{config.get('version') or run.name}-step{step}", stage="snapshot",
                         parent_version=lineage[0]["version"] if lineage else None, lineage=lineage,
                         config={"run": a.run, "step": step, "finetune": config})

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from micro_model import micro_checkpoint
 
@@ -17,7 +18,11 @@ def bench(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
 
 
-def test_snapshot_of_a_finished_run_is_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("grown", [{}, {"unet_attention": ("cross", "none"), "image_size": 64}],
+                         ids=["same-layout", "relaid-out-at-64px"])
+def test_snapshot_of_a_finished_run_is_its_checkpoint(tmp_path, grown):
+    """Also for a run that relaid its U-Net out and changed its side (--unet-attention, --image-size): the
+    snapshot builds the run's layout before it takes the EMA weights."""
     from training.simulator.dataset import SimulateConfig, simulate
     from training.train.config import FinetuneConfig
     from training.train.loop import train
@@ -28,7 +33,7 @@ def test_snapshot_of_a_finished_run_is_its_checkpoint(tmp_path):
     run = tmp_path / "run"
     final = train(FinetuneConfig(data=str(data), out=str(run), model=str(parent), steps=3, batch_size=4,
                                  num_workers=0, sample_every=0, checkpoint_every=0, warmup_steps=1, lr=1e-3,
-                                 version="micro-ft"), progress=False)
+                                 version="micro-ft", **grown), progress=False)
     proc = bench("benchmarks/snapshot.py", str(parent), str(run), str(tmp_path / "snap"))
     assert proc.returncode == 0, proc.stderr
     a, _ = load_pipeline(final)
@@ -37,6 +42,8 @@ def test_snapshot_of_a_finished_run_is_its_checkpoint(tmp_path):
         for (n, p), (_, q) in zip(getattr(a, part).named_parameters(), getattr(b, part).named_parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
     assert manifest.version == "micro-ft-step3" and manifest.stage == "snapshot"
+    assert b.unet.config.down_block_types == a.unet.config.down_block_types
+    assert b.vae.config.sample_size == a.vae.config.sample_size == grown.get("image_size", 32)
     assert manifest.parent_version == "micro-v1" and manifest.config["step"] == 3
     again = bench("benchmarks/snapshot.py", str(parent), str(run), str(tmp_path / "snap"))
     assert again.returncode == 2 and "exists: give a new folder" in again.stderr
