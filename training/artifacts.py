@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -68,8 +69,9 @@ def cached_tensors(path: Path, key, make):
             pass
     value = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "value": value}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: several (accelerate launch) may write at once
+    torch.save({"key": key, "value": value}, tmp)
+    tmp.replace(path)
     return value
 
 

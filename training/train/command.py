@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true", help="save raw weights instead of their EMA")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cache-latents", action="store_true", default=None,
-                   help="frozen VAE: encode the data once (kept in OUT/latents.pt for a resumed run) and train the U-Net on "
-                        "cached latents")
+                   help="frozen VAE: encode the data once (kept in OUT/latents.pt for a resumed run) and train the "
+                        "U-Net on cached latents")
     p.add_argument("--vae-decoder-only", action="store_true", default=None, dest="vae_decoder_only",
                    help="with --train vae: finetune only the decoder (the encoder and latent space stay fixed, "
                         "so a U-Net trained on them stays valid)")
