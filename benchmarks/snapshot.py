@@ -34,18 +34,15 @@ def main() -> int:
     import torch
     from diffusers.training_utils import EMAModel
 
-    from training.model.checkpoint import Manifest, lineage_from, load_pipeline, save_checkpoint
+    from training.model.checkpoint import Manifest, lineage_from, save_checkpoint
+    from training.train.config import FinetuneConfig
+    from training.train.loop import build_model
 
-    from training.model.components import relayout_unet
-    from training.train.loop import resize_model
-
-    pipe, parent = load_pipeline(a.parent)
-    lineage = lineage_from(parent, a.parent)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    if config.get("unet_attention"):  # the run relaid its U-Net out (--unet-attention): the EMA holds that layout
-        pipe.unet = relayout_unet(pipe.unet, tuple(config["unet_attention"]))
-    if config.get("image_size"):  # --image-size: the snapshot generates at the run's side
-        resize_model(pipe, int(config["image_size"]))
+    cfg = FinetuneConfig.from_file(run / "config.json") if config else FinetuneConfig()
+    cfg.model = a.parent  # built as the run built it: its --unet-attention relayout and --image-size side
+    pipe = build_model(cfg, [])
+    lineage = lineage_from(Manifest.read(Path(a.parent)), a.parent)
     saved = torch.load(ema_file, weights_only=False)
     for name, averaged in saved.items():
         params = [q for q in getattr(pipe, name).parameters()]

@@ -305,7 +305,7 @@ def test_cached_latents_are_kept_and_read_back_on_resume(data, vae_run, tmp_path
     blob = torch.load(cache, weights_only=True)
     pipe, _ = load_pipeline(vae_run / "checkpoint")
     ds = L.make_dataset(cfg(data, tmp_path), pipe.vae.config.sample_size)
-    fresh = L.cache_latents(pipe.vae, ds, cfg(data, tmp_path), progress=False)  # no out: encoded here
+    fresh = L.cache_latents(pipe.vae, ds, cfg(data, tmp_path), progress=False, out=tmp_path / "fresh")  # encoded
     assert torch.allclose(blob["value"]["dists"], fresh.dists, atol=1e-5)
     assert blob["value"]["prompts"] == fresh.prompts and blob["key"]["size"] == 32
     with mock.patch.object(pipe.vae, "encode", side_effect=AssertionError("encoded again")):

@@ -157,10 +157,12 @@ def encoder_fingerprint(vae) -> str:
 
 
 @torch.no_grad()
-def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path | None = None) -> LatentSet:
-    """Encode ``ds`` once. With ``out``, the posteriors are kept in OUT/latents.pt (keyed by the films, their side
-    and the encoder's weights): a resumed run reads them back instead of encoding again (minutes at 256 px)."""
+def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path) -> LatentSet:
+    """Encode ``ds`` once; the posteriors are kept in OUT/latents.pt (keyed by the films, their side, the data
+    folder and the encoder's weights): a resumed run reads them back instead of encoding again (minutes at 256 px)."""
     from tqdm import tqdm
+
+    from ..artifacts import cached_tensors
 
     def encode():
         dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=cfg.num_workers,
@@ -173,14 +175,9 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path | None
             labels.append(batch["labels"])
         return {"dists": torch.cat(dists), "prompts": prompts, "labels": torch.cat(labels)}
 
-    if out is None:
-        value = encode()
-    else:
-        from ..artifacts import cached_tensors
-
-        key = {"films": [str(d) for d in ds.frame["dicom_id"]], "size": int(ds.config.size), "data": str(cfg.data),
-               "encoder": encoder_fingerprint(vae)}
-        value = cached_tensors(out / "latents.pt", key, encode)
+    key = {"films": [str(d) for d in ds.frame["dicom_id"]], "size": int(ds.config.size), "data": str(cfg.data),
+           "encoder": encoder_fingerprint(vae)}
+    value = cached_tensors(out / "latents.pt", key, encode)
     return LatentSet(value["dists"], value["prompts"], value["labels"])
 
 
