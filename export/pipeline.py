@@ -69,13 +69,9 @@ class GraphPipeline:
 
     def set_scheduler(self, name: str) -> None:
         """Swap the sampler by ``training.generation.SCHEDULERS`` name, keeping the noise schedule."""
-        import diffusers
+        from training.generation import make_scheduler
 
-        from training.generation import SCHEDULERS
-
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}")
-        self.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(self.scheduler.config)
+        self.scheduler = make_scheduler(name, self.scheduler.config)
 
     # ------------------------------------------------------------------ sampling
 
@@ -154,18 +150,15 @@ class GraphPipeline:
                   guidance: float, scheduler: str, size: int) -> np.ndarray:
         """One denoising batch with explicit per-image seeds and negative prompts (the service's batches, the
         Triton pipeline model's requests): image i from a CPU generator seeded ``seeds[i]``."""
-        import diffusers
         import torch
 
-        from training.generation import SCHEDULERS
+        from training.generation import make_scheduler
 
         f = int(self.facts["vae_scale_factor"])
         if size % f:
             raise ExportError(f"size must be a multiple of {f}, got {size}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
         if scheduler not in self.schedulers:  # one instance per sampler, all from the checkpoint's config
-            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.scheduler.config)
+            self.schedulers[scheduler] = make_scheduler(scheduler, self.scheduler.config)
         current, self.scheduler = self.scheduler, self.schedulers[scheduler]
         try:
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -158,7 +158,7 @@ def test_unet_parity_fp32_at_an_untraced_batch(micro, graph):
     assert np.abs(got - ref).max() <= 1e-3
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])  # euler_a also draws noise from the generators
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "pndm"])  # euler_a draws noise from the generators
 def test_images_match_torch_for_the_same_seed(micro, scheduler):
     ckpt, _, out = micro
     ref = torch_images(ckpt, PROMPTS, scheduler, negative="pneumothorax")

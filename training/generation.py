@@ -32,15 +32,24 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
 }
+# Options each sampler is built with on top of the model's noise schedule. PNDM: the pseudo-linear multistep
+# steps only, as in Stable Diffusion's own scheduler config; its Runge-Kutta warm-up needs >= 4 steps and
+# fails below that (a 1-3 step request raised ValueError from diffusers' set_timesteps).
+SCHEDULER_OPTIONS = {"pndm": {"skip_prk_steps": True}}
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the sampler, keeping the model's noise schedule."""
+def make_scheduler(name: str, config):
+    """A fresh sampler ``name`` (a ``SCHEDULERS`` key) on the noise schedule in ``config``."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}")
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config, **SCHEDULER_OPTIONS.get(name, {}))
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler, keeping the model's noise schedule."""
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
 
 
 def parse_finding(text: str):
@@ -136,12 +145,8 @@ class TorchBackend:
     def run_batch(self, prompts, negatives, seeds, steps, guidance, scheduler, size):
         """One denoising run, image i from a CPU generator seeded ``seeds[i]`` (the same image as ``generate``
         for that seed), with the named scheduler (kept per name)."""
-        import diffusers
-
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; known: {sorted(SCHEDULERS)}")
         if scheduler not in self.schedulers:
-            self.schedulers[scheduler] = getattr(diffusers, SCHEDULERS[scheduler]).from_config(self.pipe.scheduler.config)
+            self.schedulers[scheduler] = make_scheduler(scheduler, self.pipe.scheduler.config)
         self.pipe.scheduler = self.schedulers[scheduler]
         return denoise(self.pipe, prompts, negatives, seeds, steps, guidance, size)
 
