@@ -164,3 +164,37 @@ def test_generated_images_are_reused_only_for_the_same_model_prompts_and_setting
     assert generate_images(pipe, prompts, cfg, 0, "heldout").shape == first.shape and len(calls) == 6
     generate_images(pipe, prompts, cfg, 0)  # no name: never cached
     assert len(calls) == 7
+
+
+def test_an_interrupted_generation_resumes_from_its_last_chunk(setup, tmp_path, monkeypatch):
+    """Images are sampled and kept in chunks: an evaluation killed mid-way samples only the chunks it had not
+    finished, and the images are those of one uninterrupted run (image i from seed + i)."""
+    import training.generation as G
+    from training.evaluate.harness import generate_images
+    from training.model.checkpoint import load_pipeline
+
+    pipe, _ = load_pipeline(setup / "model")
+    cfg = EvalConfig(out=str(tmp_path / "out"), model=str(setup / "model"), data=str(setup / "data"), steps=2,
+                     batch_size=2)
+    prompts = ["Large left pleural effusion.", "No acute cardiopulmonary process.", "Right apical pneumothorax.",
+               "Cardiomegaly.", "Left lower lobe consolidation."]
+    whole = generate_images(pipe, prompts, cfg, 3)  # not cached: one run
+    calls = []
+    real_generate = G.generate
+
+    def dies_on_the_third_chunk(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(G, "generate", dies_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        generate_images(pipe, prompts, cfg, 3, "heldout", chunk=2)
+    folder = tmp_path / "out" / "generated"
+    assert sorted(p.name for p in folder.glob("heldout.part*.pt")) == ["heldout.part0000.pt", "heldout.part0001.pt"]
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(len(a[1])) or real_generate(*a, **k))
+    again = generate_images(pipe, prompts, cfg, 3, "heldout", chunk=2)
+    assert calls == [2, 2, 1, 1]  # only the last chunk sampled again
+    assert torch.allclose(again, whole, atol=1e-5)
+    assert (folder / "heldout.pt").is_file() and not list(folder.glob("heldout.part*"))

@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -131,36 +130,40 @@ def model_fingerprint(model: str | Path) -> str:
 
 
 def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: str | None = None,
-                    fingerprint: str | None = None) -> torch.Tensor:
-    """The images of ``prompts`` ((N, 1, H, W) in [-1, 1]), reused from OUT/generated/NAME.pt when that file was
-    made by the same weights, prompts, seed and sampler settings: evaluating again with another judge (or
-    after an interruption) does not sample again. ``fingerprint``: ``model_fingerprint(cfg.model)`` when the
-    caller already has it (one read of the weights per evaluation)."""
+                    fingerprint: str | None = None, chunk: int = 64) -> torch.Tensor:
+    """The images of ``prompts`` ((N, 1, H, W) in [-1, 1]), image i from seed + i, reused from
+    OUT/generated/NAME.pt when that file was made by the same weights, prompts, seed and sampler settings:
+    evaluating again with another judge does not sample again. They are sampled and kept in chunks of about
+    ``chunk`` images (NAME.partK.pt, removed once NAME.pt is written), so an interrupted evaluation resumes
+    from its last finished chunk. ``fingerprint``: ``model_fingerprint(cfg.model)`` when the caller already has
+    it (one read of the weights per evaluation)."""
+    from ..artifacts import cached_tensors
     from ..generation import generate
 
     size = pipe.vae.config.sample_size
-    cache, key = None, None
-    if name is not None:
-        import hashlib
 
-        cache = Path(cfg.out) / "generated" / f"{name}.pt"
-        settings = [fingerprint or model_fingerprint(cfg.model), prompts, seed, cfg.steps, cfg.guidance,
-                    cfg.scheduler, cfg.batch_size, size, cfg.device]
-        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
-        if cache.is_file():
-            try:
-                blob = torch.load(cache, map_location="cpu", weights_only=True)
-                if blob.get("key") == key:
-                    return blob["images"]
-            except Exception as e:  # a truncated or foreign file: sample again and overwrite it
-                log.warning("ignoring unreadable %s: %s", cache, e)
-    imgs = torch.from_numpy(generate(pipe, prompts, seed, cfg.steps, cfg.guidance, "", cfg.batch_size, size))
-    imgs = imgs[:, None] * 2 - 1
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "images": imgs}, tmp)
-        os.replace(tmp, cache)
+    def sample(part: list[str], first_seed: int) -> torch.Tensor:
+        imgs = torch.from_numpy(generate(pipe, part, first_seed, cfg.steps, cfg.guidance, "", cfg.batch_size, size))
+        return imgs[:, None] * 2 - 1
+
+    if name is None:
+        return sample(prompts, seed)
+    import hashlib
+
+    settings = [fingerprint or model_fingerprint(cfg.model), prompts, seed, cfg.steps, cfg.guidance,
+                cfg.scheduler, cfg.batch_size, size, cfg.device]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+    folder = Path(cfg.out) / "generated"
+    step = max(1, chunk // cfg.batch_size) * cfg.batch_size  # whole generation batches: the same batches as one run
+
+    def sample_in_chunks() -> torch.Tensor:
+        return torch.cat([cached_tensors(folder / f"{name}.part{start // step:04d}.pt", [key, start],
+                                         lambda: sample(prompts[start:start + step], seed + start))
+                          for start in range(0, len(prompts), step)])
+
+    imgs = cached_tensors(folder / f"{name}.pt", key, sample_in_chunks)
+    for part in folder.glob(f"{name}.part*.pt"):
+        part.unlink(missing_ok=True)
     return imgs
 
 
