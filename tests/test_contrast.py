@@ -269,6 +269,9 @@ def test_render_films_draws_each_device_exam_again_without_its_device(tmp_path):
     assert (diff.max(1).values > 0.02).all() and (diff.mean(1) < 0.02).all()
     with pytest.raises(ValueError, match="has no ground_truth.jsonl"):
         render_films(tmp_path, ids, ds.labels, [s], 32)
+    # in worker processes (cxrgen train --num-workers): the same films, in the same order
+    rows2, plus2, minus2 = render_films(data, ids, ds.labels, [s], 32, workers=2)
+    assert rows2 == rows and torch.equal(plus2, plus) and torch.equal(minus2, minus)
 
 
 def test_train_with_contrast_films_logs_pairs_and_renders_once(tmp_path):

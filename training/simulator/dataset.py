@@ -118,22 +118,34 @@ def render_one(task: tuple[str, int, int, int, float]) -> dict:
     }
 
 
+def _render_twice(task):
+    """One exam drawn again from (seed, index) and rendered as it was and without ``kinds`` (numpy, [0, 1])."""
+    seed, index, real_fraction, kinds, size = task
+    anat = load_anatomy()
+    case = sample_case(seed, index, real_fraction).case
+    return (render_case(anat, case, size)[0].numpy(),
+            render_case(anat, case, size, without=frozenset(kinds))[0].numpy())
+
+
 def render_again(root: Path, rows: list[dict], without: list[frozenset], size: int,
-                 progress: bool = False):
+                 progress: bool = False, workers: int = 1):
     """Exams of the simulated folder ``root`` (``rows``: their ground_truth.jsonl objects) drawn again from
     their (seed, index) and rendered twice by the same code: as they were, and without the kinds ``without[i]``
-    (every other random draw kept). Returns (with, without), (N, 1, size, size) in [-1, 1]."""
+    (every other random draw kept), in ``workers`` processes (the same images for any number). Returns (with,
+    without), (N, 1, size, size) in [-1, 1]."""
     import torch
     from tqdm import tqdm
 
     cfg = Path(root) / CONFIG_FILE
     real_fraction = float(json.loads(cfg.read_text()).get("real_fraction", 0.5)) if cfg.is_file() else 0.5
-    anat = load_anatomy()
+    tasks = [(int(row["seed"]), int(row["index"]), real_fraction, sorted(kinds), size)
+             for row, kinds in zip(rows, without)]
     plus, minus = [], []
-    for row, kinds in tqdm(list(zip(rows, without)), desc="render again", unit="exam", disable=not progress):
-        case = sample_case(int(row["seed"]), int(row["index"]), real_fraction).case
-        plus.append(render_case(anat, case, size)[0])
-        minus.append(render_case(anat, case, size, without=frozenset(kinds))[0])
+    # One process: rendered here, leaving this process's torch threads alone (worker_map would set them to 1).
+    results = map(_render_twice, tasks) if workers <= 1 else worker_map(_render_twice, tasks, workers)
+    for a, b in tqdm(results, total=len(tasks), desc="render again", unit="exam", disable=not progress):
+        plus.append(torch.from_numpy(a))
+        minus.append(torch.from_numpy(b))
     as_batch = lambda xs: torch.stack(xs)[:, None] * 2 - 1  # noqa: E731
     return as_batch(plus), as_batch(minus)
 

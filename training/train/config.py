@@ -74,7 +74,7 @@ class FinetuneConfig:
         "Large right pneumothorax.",
         "Cardiomegaly.",
     )  # prompts of the logged sample grids
-    num_workers: int = 2  # data loader processes
+    num_workers: int = 2  # data loader processes; also the processes that render --contrast-films
     version: str = ""  # version name of the resulting checkpoint (default: run folder name)
 
     def validate(self) -> None:

@@ -176,11 +176,11 @@ def film_kinds(truth: dict, labels, specs: Sequence[ContrastLabel]) -> frozenset
 
 
 def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[ContrastLabel], size: int,
-                 progress: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+                 progress: bool = False, workers: int = 1) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """(rows, with, without) for the films of a simulated data folder ``root`` (``dicom_ids`` and ``labels`` in
     dataset order) that have a contrast label's findings: each exam drawn again from its (seed, index) and
     rendered as it was and without those findings (``simulator.dataset.render_again``), (N, 1, size, size) in
-    [-1, 1]; ``rows`` their dataset indices. A ValueError when the folder is not simulated (no ground truth) or
+    [-1, 1]; ``rows`` their dataset indices; rendered in ``workers`` processes. A ValueError when the folder is not simulated (no ground truth) or
     no film has the findings."""
     from pathlib import Path
 
@@ -199,7 +199,7 @@ def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[Contras
     if not rows:
         raise ValueError(f"--contrast-films: no film of {root} has the findings of {[s.label for s in specs]}")
     plus, minus = render_again(root, [truth[str(dicom_ids[i])] for i in rows], [kinds[i] for i in rows], size,
-                               progress)
+                               progress, workers)
     return rows, plus, minus
 
 

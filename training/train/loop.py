@@ -192,7 +192,7 @@ def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Pa
     ids = [str(d) for d in ds.frame["dicom_id"]]
     key = {"films": ids, "size": size, "labels": {s.label: list(s.kinds) for s in specs}}
     rows, plus, minus = cached_tensors(out / "contrast_films.pt", key, lambda: render_films(
-        cfg.data, ids, ds.labels, specs, size, progress))
+        cfg.data, ids, ds.labels, specs, size, progress, max(1, cfg.num_workers)))
     dists = []
     for i in range(0, len(rows), 32):
         x = torch.cat([plus[i:i + 32], minus[i:i + 32]]).to(vae.device)
