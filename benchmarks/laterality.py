@@ -104,7 +104,7 @@ def main() -> int:
     from simulate import machine
 
     from training.evaluate.config import EvalConfig
-    from training.evaluate.harness import dataset, take
+    from training.evaluate.harness import dataset, load_generated, take
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", metavar="NAME=EVAL_FOLDER")
@@ -127,7 +127,7 @@ def main() -> int:
     real, _, rows = take(dataset(EvalConfig(out="/dev/null", data=str(REPO / a.data)), "test", a.size), a.n)
     generated = {}
     for name, folder in folders.items():
-        images = torch.load(REPO / folder / "generated" / "heldout.pt", map_location="cpu", weights_only=True)["images"]
+        images = load_generated(REPO / folder)
         if len(images) < len(real) or images.shape[-1] != real.shape[-1]:
             p.error(f"{folder}: {tuple(images.shape)} images do not cover the {len(real)} test prompts at {a.size} px")
         generated[name] = images[:len(real)].numpy()

@@ -64,20 +64,36 @@ def lineage(model: str) -> dict:
 
 
 def table(results: dict) -> str:
+    """The markdown table. The judge's AUROC on real films and on their VAE round trips is given once per group
+    of models that were measured on the same films (a generator's evaluation reads the films at its own size),
+    named by the models it belongs to when there is more than one group."""
     names = list(results)
     first = results[names[0]]
     findings = [k for k in first["auroc_ratio"]]
-    head = "| finding | positives | judge on real | on VAE round trips | " + " | ".join(f"{n} (ratio)" for n in names) + " |"
-    rows = [head, "|" + "---|" * (4 + len(names))]
+    groups: list[list[str]] = []  # models sharing the same real-film measurements
+    for n in names:
+        for g in groups:
+            same = all(results[g[0]][k] == results[n][k] for k in ("judge_auroc_real", "judge_auroc_vae"))
+            if same:
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+    tag = (lambda g: "") if len(groups) == 1 else (lambda g: f", films of {', '.join(g)}")
+    head = ("| finding | positives | " + " | ".join(f"judge on real / VAE round trips{tag(g)}" for g in groups)
+            + " | " + " | ".join(f"{n} (ratio)" for n in names) + " |")
+    rows = [head, "|" + "---|" * (2 + len(groups) + len(names))]
+    blank = "| " * len(groups)
     for k in findings:
         cells = [f"{results[n]['conditioning_auroc'][k]:.3f} ({results[n]['auroc_ratio'][k]:.2f})" for n in names]
-        rows.append(f"| {k} | {first['positives'][k]} | {first['judge_auroc_real'][k]:.3f} | "
-                    f"{first['judge_auroc_vae'][k]:.3f} | " + " | ".join(cells) + " |")
-    rows.append("| **ratio mean / min** | | | | " + " | ".join(
+        real = [f"{results[g[0]]['judge_auroc_real'][k]:.3f} / {results[g[0]]['judge_auroc_vae'][k]:.3f}"
+                for g in groups]
+        rows.append(f"| {k} | {first['positives'][k]} | " + " | ".join(real) + " | " + " | ".join(cells) + " |")
+    rows.append(f"| **ratio mean / min** | {blank}| " + " | ".join(
         f"{results[n]['auroc_ratio_mean']:.3f} / {results[n]['auroc_ratio_min']:.2f}" for n in names) + " |")
     for key, label in (("panel_plausible_rate", "panel plausible rate"), ("fid_ratio_to_floor", "FID / floor"),
                        ("ms_ssim_generated", "MS-SSIM"), ("effusion_detection_rate", "effusion detection")):
-        rows.append(f"| {label} | | | | " + " | ".join(f"{results[n].get(key, float('nan')):.3f}" for n in names)
+        rows.append(f"| {label} | {blank}| " + " | ".join(f"{results[n].get(key, float('nan')):.3f}" for n in names)
                     + " |")
     return "\n".join(rows)
 

@@ -101,7 +101,7 @@ def main() -> int:
     import torch
 
     from training.evaluate.config import EvalConfig
-    from training.evaluate.harness import dataset, judge_aurocs, take
+    from training.evaluate.harness import dataset, judge_aurocs, load_generated, take
     from training.evaluate.judge import load_judge
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -124,7 +124,7 @@ def main() -> int:
         sigmas = [0.0] + sigmas
     m = json.loads(metrics.read_text())
     n = int(m["n_prompts"])
-    gen = torch.load(cache, map_location="cpu", weights_only=True)["images"][:n]
+    gen = load_generated(ev)[:n]
     size = gen.shape[-1]
     real, labels, _ = take(dataset(EvalConfig(out="/dev/null", data=str(REPO / a.data)), "test", size), n)
     judge = load_judge(REPO / a.judge)

@@ -167,6 +167,13 @@ def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: 
     return imgs
 
 
+def load_generated(out, name: str = "heldout") -> torch.Tensor:
+    """The images an evaluation kept in OUT/generated/NAME.pt (``generate_images``), also from an evaluation
+    that wrote the older layout (the images under "images")."""
+    blob = torch.load(Path(out) / "generated" / f"{name}.pt", map_location="cpu", weights_only=True)
+    return blob["value"] if "value" in blob else blob["images"]
+
+
 # --------------------------------------------------------------------------- 4.-8. metrics
 
 
