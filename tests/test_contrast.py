@@ -287,10 +287,10 @@ def test_train_with_contrast_films_logs_pairs_and_renders_once(tmp_path):
               num_workers=0, sample_every=0, checkpoint_every=1, warmup_steps=1, cache_latents=True,
               oversample={"Support Devices": 4}, contrast={"Support Devices": 20.0}, contrast_films=True)
     train(FinetuneConfig(steps=2, **kw), progress=False)
-    films = tmp_path / "run" / "contrast_films.pt"
-    stamp = films.stat().st_mtime_ns
-    train(FinetuneConfig(steps=3, **kw), progress=False)  # resumed: the renders are read back, not made again
-    assert films.stat().st_mtime_ns == stamp
+    films, encoded = tmp_path / "run" / "contrast_films.pt", tmp_path / "run" / "contrast_films_latents.pt"
+    stamps = films.stat().st_mtime_ns, encoded.stat().st_mtime_ns
+    train(FinetuneConfig(steps=3, **kw), progress=False)  # resumed: renders and encodings read back, not made again
+    assert (films.stat().st_mtime_ns, encoded.stat().st_mtime_ns) == stamps
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and sum(r["contrast_pairs"] for r in log) > 0
     assert all(("loss_contrast" in r) == (r["contrast_pairs"] > 0) for r in log)

@@ -184,7 +184,8 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path) -> La
 @torch.no_grad()
 def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Path, progress: bool) -> None:
     """--contrast-films: render the positive films' exams with and without the labels' findings (kept in
-    OUT/contrast_films.pt: a resumed run does not render again), encode both, attach them to ``latents``."""
+    OUT/contrast_films.pt: a resumed run does not render again), encode both (kept in
+    OUT/contrast_films_latents.pt), attach them to ``latents``."""
     from ..artifacts import cached_tensors
     from .contrast import render_films
 
@@ -193,12 +194,19 @@ def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Pa
     key = {"films": ids, "size": size, "labels": {s.label: list(s.kinds) for s in specs}}
     rows, plus, minus = cached_tensors(out / "contrast_films.pt", key, lambda: render_films(
         cfg.data, ids, ds.labels, specs, size, progress, max(1, cfg.num_workers)))
-    dists = []
-    for i in range(0, len(rows), 32):
-        x = torch.cat([plus[i:i + 32], minus[i:i + 32]]).to(vae.device)
-        d = vae.encode(to_model_channels(x, vae.config.in_channels)).latent_dist.parameters.cpu()
-        dists.append(torch.stack(d.chunk(2), dim=1))  # (n, 2, 2C, h, w)
-    latents.add_films(list(rows), torch.cat(dists))
+
+    def encode():
+        dists = []
+        for i in range(0, len(rows), 32):
+            x = torch.cat([plus[i:i + 32], minus[i:i + 32]]).to(vae.device)
+            d = vae.encode(to_model_channels(x, vae.config.in_channels)).latent_dist.parameters.cpu()
+            dists.append(torch.stack(d.chunk(2), dim=1))  # (n, 2, 2C, h, w)
+        return torch.cat(dists)
+
+    # The encodings are kept too (OUT/contrast_films_latents.pt; minutes at 256 px), keyed by the renders' key
+    # and the encoder's weights.
+    dists = cached_tensors(out / "contrast_films_latents.pt", {**key, "encoder": encoder_fingerprint(vae)}, encode)
+    latents.add_films(list(rows), dists)
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
