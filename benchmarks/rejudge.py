@@ -70,15 +70,11 @@ def table(results: dict) -> str:
     names = list(results)
     first = results[names[0]]
     findings = [k for k in first["auroc_ratio"]]
-    groups: list[list[str]] = []  # models sharing the same real-film measurements
+    by_films: dict[str, list[str]] = {}  # models sharing the same real-film measurements
     for n in names:
-        for g in groups:
-            same = all(results[g[0]][k] == results[n][k] for k in ("judge_auroc_real", "judge_auroc_vae"))
-            if same:
-                g.append(n)
-                break
-        else:
-            groups.append([n])
+        films = json.dumps([results[n]["judge_auroc_real"], results[n]["judge_auroc_vae"]], sort_keys=True)
+        by_films.setdefault(films, []).append(n)
+    groups = list(by_films.values())
     tag = (lambda g: "") if len(groups) == 1 else (lambda g: f", films of {', '.join(g)}")
     head = ("| finding | positives | " + " | ".join(f"judge on real / VAE round trips{tag(g)}" for g in groups)
             + " | " + " | ".join(f"{n} (ratio)" for n in names) + " |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from ..findings import OBSERVATIONS
 from . import judge as J
 from .config import EvalConfig  # noqa: F401  (re-exported: the harness API takes it)
 
-log = logging.getLogger(__name__)
 
 EFFUSION = OBSERVATIONS.index("Pleural Effusion")
 

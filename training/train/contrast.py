@@ -180,8 +180,8 @@ def render_films(root, dicom_ids: Sequence[str], labels, specs: Sequence[Contras
     """(rows, with, without) for the films of a simulated data folder ``root`` (``dicom_ids`` and ``labels`` in
     dataset order) that have a contrast label's findings: each exam drawn again from its (seed, index) and
     rendered as it was and without those findings (``simulator.dataset.render_again``), (N, 1, size, size) in
-    [-1, 1]; ``rows`` their dataset indices; rendered in ``workers`` processes. A ValueError when the folder is not simulated (no ground truth) or
-    no film has the findings."""
+    [-1, 1]; ``rows`` their dataset indices; rendered in ``workers`` processes. A ValueError when the folder is
+    not simulated (no ground truth) or no film has the findings."""
     from pathlib import Path
 
     from ..data.mimic import GROUND_TRUTH, load_ground_truth

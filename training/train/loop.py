@@ -184,29 +184,29 @@ def cache_latents(vae, ds, cfg: FinetuneConfig, progress: bool, out: Path) -> La
 @torch.no_grad()
 def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Path, progress: bool) -> None:
     """--contrast-films: render the positive films' exams with and without the labels' findings (kept in
-    OUT/contrast_films.pt: a resumed run does not render again), encode both (kept in
-    OUT/contrast_films_latents.pt), attach them to ``latents``."""
+    OUT/contrast_films.pt), encode both (kept in OUT/contrast_films_latents.pt: a resumed run neither renders nor
+    encodes again), attach them to ``latents``."""
     from ..artifacts import cached_tensors
     from .contrast import render_films
 
     size = vae.config.sample_size
     ids = [str(d) for d in ds.frame["dicom_id"]]
     key = {"films": ids, "size": size, "labels": {s.label: list(s.kinds) for s in specs}}
-    rows, plus, minus = cached_tensors(out / "contrast_films.pt", key, lambda: render_films(
-        cfg.data, ids, ds.labels, specs, size, progress, max(1, cfg.num_workers)))
 
     def encode():
+        rows, plus, minus = cached_tensors(out / "contrast_films.pt", key, lambda: render_films(
+            cfg.data, ids, ds.labels, specs, size, progress, cfg.num_workers))
         dists = []
         for i in range(0, len(rows), 32):
             x = torch.cat([plus[i:i + 32], minus[i:i + 32]]).to(vae.device)
             d = vae.encode(to_model_channels(x, vae.config.in_channels)).latent_dist.parameters.cpu()
             dists.append(torch.stack(d.chunk(2), dim=1))  # (n, 2, 2C, h, w)
-        return torch.cat(dists)
+        return {"rows": list(rows), "dists": torch.cat(dists)}
 
-    # The encodings are kept too (OUT/contrast_films_latents.pt; minutes at 256 px), keyed by the renders' key
-    # and the encoder's weights.
-    dists = cached_tensors(out / "contrast_films_latents.pt", {**key, "encoder": encoder_fingerprint(vae)}, encode)
-    latents.add_films(list(rows), dists)
+    # The encodings are kept too (minutes at 256 px), keyed by the renders' key and the encoder's weights: a
+    # resumed run reads them back without loading the renders.
+    films = cached_tensors(out / "contrast_films_latents.pt", {**key, "encoder": encoder_fingerprint(vae)}, encode)
+    latents.add_films(films["rows"], films["dists"])
 
 
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
