@@ -47,8 +47,10 @@ STORE = ["--feedback", "sqlite:///runs/feedback/store.db", "--feedback-blobs", "
 # budget is tens of rounds of 8), so it gets 3e-3; draft's direct reward gradient and the store-driven
 # likelihood losses 1e-3. rwl / dpo sample no images: a round is one step on stored images, so 60 rounds.
 def online_dpo(name: str, parent: str) -> list[str]:
-    """Flags of a DPO run from PARENT's checkpoint on RUNS/NAME-feedback, the store ``online_feedback`` fills."""
-    return ["--model", f"{{runs}}/{parent}/checkpoint", "--method", "dpo",
+    """Flags of a DPO run from PARENT's checkpoint on RUNS/NAME-feedback, the store ``online_feedback`` fills.
+    PARENT is another run of METHODS, or a pipeline folder (a path with a "/", e.g. a training snapshot)."""
+    model = parent if "/" in parent else f"{{runs}}/{parent}/checkpoint"
+    return ["--model", model, "--method", "dpo",
             "--feedback", f"sqlite:///{{runs}}/{name}-feedback/store.db", "--feedback-blobs", f"{{runs}}/{name}-feedback/blobs",
             "--lr", "1e-3", "--iterations", "300", "--eval-every", "50"]
 
@@ -111,13 +113,18 @@ METHODS = {
     # spin with counterfactual losers: the same simulated exam rendered without one of its findings (device
     # removals weighted 4x, as device films are picked 4x), so each pair differs in one finding's pixels alone
     "spin-cf": spin("counterfactual", 1024),
+    # The 256 px film contrast's step-750 EMA weights (runs/u256-f1-snap750: devices ratio 0.93, ratio mean 0.906,
+    # panel 0.280, FID 13 % above tiny-cpu-v2.2's): one online DPO round on the panel's comparisons of its own
+    # 256 px images, against it as the reference, for the panel bar (v2.3's rounds gave +22 points at 128 px)
+    "u256f1-750+online": online_dpo("u256f1-750+online", "runs/u256-f1-snap750"),
 }
 # Runs that start from another's checkpoint (their --model {runs}/PARENT/checkpoint): name -> parent
 AFTER = {n: f[f.index("--model") + 1].split("/")[1] for n, f in METHODS.items()
          if "--model" in f and f[f.index("--model") + 1].startswith("{runs}/")}
 # Runs that learn from fresh feedback on their parent's images: (training prompts, images per prompt, seed)
-ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000), "spin-mm+online": (600, 2, 420000)}
-EXTRA = ("dpo-300", "dpo-900", "spin-mm", "spin-mm-dpop", "spin-cf", *AFTER)  # longer, chained or later runs: not in the default set
+ONLINE = {"dpo-300+online": (600, 2, 400000), "dpo-300+online2": (600, 2, 410000), "spin-mm+online": (600, 2, 420000),
+          "u256f1-750+online": (600, 2, 430000)}
+EXTRA = ("dpo-300", "dpo-900", "spin-mm", "spin-mm-dpop", "spin-cf", "u256f1-750+online", *AFTER)  # longer, chained or later runs: not in the default set
 # The issue's gates on the best method against the baseline: FID at most 10 % above, MS-SSIM within 0.05.
 FID_TOLERANCE, MS_SSIM_TOLERANCE = 0.10, 0.05
 
@@ -142,12 +149,12 @@ def align(name: str, a) -> Path:
         return ckpt
     if name in AFTER:
         align(AFTER[name], a)
-    if name in ONLINE:
-        online_feedback(name, REPO / a.runs / AFTER[name] / "checkpoint", a)
     own = [x.format(prompts_data=a.prompts_data, eval_data=a.eval_data, runs=a.runs) for x in METHODS[name]]
     if "--model" not in own:  # from the baseline, not whatever models/default is now
         own += ["--model", a.baseline]
-    model_folder(own[own.index("--model") + 1])
+    parent = model_folder(own[own.index("--model") + 1])
+    if name in ONLINE:
+        online_feedback(name, parent, a)
     run([sys.executable, "-m", "training.cli", "align", "--out", str(out.relative_to(REPO)),
          "--prompts-from", a.prompts_data, "--limit", "512", "--iterations", str(a.iterations),
          "--eval-every", str(a.eval_every), "--eval-data", a.eval_data, "--eval-limit", "32",
