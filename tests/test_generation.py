@@ -125,3 +125,55 @@ def test_grid_has_a_row_per_finding(model, tmp_path):
     img = Image.open(tmp_path / "grid.png")
     assert img.size == (150 + 2 * 32, (len(KINDS) + 1) * 32)
     assert len(list(tmp_path.glob("*.png"))) == 2 * (len(KINDS) + 1) + 1
+
+
+def test_contiguous_batches():
+    from training.generation import contiguous_batches
+
+    assert contiguous_batches([0, 1, 2, 3, 4], 2) == [[0, 1], [2, 3], [4]]
+    assert contiguous_batches([1, 2, 5, 6, 7, 9], 8) == [[1, 2], [5, 6, 7], [9]]
+    assert contiguous_batches([], 4) == []
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(model, tmp_path):
+    import json
+
+    common = ["--model", str(model), "--prompt", "Small right pleural effusion.", "--prompt", "No acute disease.",
+              "--n", "2", "--seed", "5", "--steps", "2", "--batch-size", "2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli(*common, "--out", str(whole)).returncode == 0
+    assert cli(*common, "--out", str(cut)).returncode == 0
+    # As if stopped after the first batch: the second batch's images and log lines never written, and a torn line
+    log = (cut / "generation.jsonl").read_text().splitlines()
+    (cut / "generation.jsonl").write_text("\n".join(log[:2]) + "\n" + log[2][:40])
+    for name in ("0002_seed7.png", "0003_seed8.png"):
+        (cut / name).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in cut.glob("*.png")}
+    proc = cli(*common, "--out", str(cut))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["resumed"] == 2
+    assert {p.name: p.stat().st_mtime_ns for p in cut.glob("*.png") if p.name in before} == before  # kept, not redone
+    a, b = pixels(whole), pixels(cut)
+    assert list(a) == list(b) == ["0000_seed5.png", "0001_seed6.png", "0002_seed7.png", "0003_seed8.png"]
+    for k in a:
+        assert np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1, k
+    from training.generation import read_generation_log
+
+    rows = read_generation_log(cut)  # strict: the torn line is gone, the resumed records whole
+    assert sorted(rows) == list(a) and rows["0003_seed8.png"]["prompt"] == "No acute disease."
+    # Run again: nothing left to do
+    proc = cli(*common, "--out", str(cut))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["resumed"] == 4
+
+
+def test_another_generation_in_the_same_folder_is_refused(model, tmp_path):
+    common = ["--model", str(model), "--n", "1", "--seed", "5", "--steps", "2", "--out", str(tmp_path)]
+    assert cli(*common, "--prompt", "Small right pleural effusion.").returncode == 0
+    before = (tmp_path / "0000_seed5.png").read_bytes()
+    proc = cli(*common, "--prompt", "Large left pneumothorax.")
+    assert proc.returncode != 0
+    assert "already holds 0000_seed5.png from another generation (prompt, findings differ)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "0000_seed5.png").read_bytes() == before
+    proc = cli(*common, "--prompt", "Small right pleural effusion.", "--guidance", "2")
+    assert proc.returncode != 0 and "(guidance_scale differ)" in proc.stderr

@@ -3,7 +3,8 @@
 Every image i of a run gets its own generator seeded ``seed + i``, so an image is
 reproducible on its own whatever the batch size, and the same seed and settings give
 the same image. Each file carries its provenance (PNG text chunks / DICOM attributes,
-``training.provenance``); ``OUT/generation.jsonl`` lists them all.
+``training.provenance``); ``OUT/generation.jsonl`` lists them all. Images are written batch by batch,
+and the same command run again on the same OUT resumes after the last image written.
 
 Backends (issue 10): ``torch`` runs the checkpoint's diffusers pipeline here; the others
 (``onnxruntime``, ``tensorrt``) run an export folder (``cxrgen export onnx``), ``triton`` a Triton
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from pathlib import Path
 
@@ -366,6 +368,64 @@ def save_grid(images, labels: list[str], n: int, path: Path) -> None:
     sheet.save(path)
 
 
+# Provenance fields an image already in OUT must share with this run's image of the same name to be kept.
+RESUME_FIELDS = ("prompt", "seed", "model_version", "negative_prompt", "steps", "guidance_scale", "scheduler",
+                 "height", "width", "findings")
+
+
+def finished_images(out: Path, names: list[str], expected, scored: bool) -> set[int]:
+    """Indices of NAMES that an earlier run of the same command already wrote to OUT (logged in
+    generation.jsonl and on disk), so a resumed run skips them. ``expected(i)`` is this run's record of
+    image i. An image of another generation under the same name is a ValueError: nothing is overwritten."""
+    logged = read_generation_log(out, strict=False)
+    done = set()
+    for i, name in enumerate(names):
+        rec = logged.get(name)
+        if rec is None or not (out / name).is_file():
+            continue
+        want = expected(i)
+        differ = [k for k in RESUME_FIELDS if rec.get(k) != want[k]]
+        if scored and not rec.get("scores"):
+            differ.append("scores")
+        if differ:
+            raise ValueError(f"--out {out} already holds {name} from another generation ({', '.join(differ)} "
+                             f"differ); give a new --out, or the same arguments to resume that run")
+        done.add(i)
+    return done
+
+
+def drop_torn_lines(path: Path) -> None:
+    """Rewrite a generation log without the lines an interruption tore (not JSON records), so the records a
+    resumed run appends stay whole and strict readers (``read_generation_log``) accept the log."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    keep = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "file" in rec:
+            keep.append(line)
+    new = "".join(line + "\n" for line in keep)
+    if new != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def contiguous_batches(indices: list[int], size: int) -> list[list[int]]:
+    """INDICES (ascending) in runs of consecutive numbers, each cut into pieces of at most SIZE."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][-1] == i - 1 and len(out[-1]) < size:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.grid and (args.prompt or args.finding):
         raise ValueError("--grid makes its own prompts: drop --prompt / --finding")
@@ -423,23 +483,42 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or backend.native_size
     all_prompts = [p for p, _ in prompts for _ in range(args.n)]
     all_findings = [[f.to_dict() for f in found] for _, found in prompts for _ in range(args.n)]
-    images = backend.generate(all_prompts, args.seed, args.steps, args.guidance, args.negative_prompt,
-                              args.batch_size, size)
-    scores = scorer(images, all_prompts, all_findings) if args.score else [{} for _ in all_prompts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     version = backend.version
-    with open(out / "generation.jsonl", "a") as log:
-        for i, (prompt, found, img, score) in enumerate(zip(all_prompts, all_findings, images, scores)):
-            prov = Provenance(model_version=version, model_path=str(model), seed=args.seed + i, prompt=prompt,
-                              negative_prompt=args.negative_prompt, steps=args.steps,
-                              guidance_scale=args.guidance, scheduler=args.scheduler, height=size, width=size,
-                              findings=found, scores=score)
-            path = save_png(img, out / f"{i:04d}_seed{args.seed + i}.png", prov)
-            if args.dicom:
-                save_dicom(img, path.with_suffix(".dcm"), prov)
-            log.write(json.dumps({"file": path.name, **prov.to_dict()}) + "\n")
+
+    def record(i: int, score: dict) -> Provenance:
+        return Provenance(model_version=version, model_path=str(model), seed=args.seed + i, prompt=all_prompts[i],
+                          negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
+                          scheduler=args.scheduler, height=size, width=size, findings=all_findings[i], scores=score)
+
+    names = [f"{i:04d}_seed{args.seed + i}.png" for i in range(len(all_prompts))]
+    done = finished_images(out, names, lambda i: record(i, {}).to_dict(), args.score)
+    todo = [i for i in range(len(all_prompts)) if i not in done]
+    log_path = out / "generation.jsonl"
+    if todo:
+        drop_torn_lines(log_path)
+    # Written batch by batch: an interrupted run keeps what it made, and the same command resumes after it.
+    for chunk in contiguous_batches(todo, args.batch_size):
+        start = chunk[0]
+        images = backend.generate([all_prompts[i] for i in chunk], args.seed + start, args.steps, args.guidance,
+                                  args.negative_prompt, args.batch_size, size)
+        scores = (scorer(images, [all_prompts[i] for i in chunk], [all_findings[i] for i in chunk]) if args.score
+                  else [{} for _ in chunk])
+        with open(log_path, "a") as log:
+            for i, img, score in zip(chunk, images, scores):
+                prov = record(i, score)
+                path = save_png(img, out / names[i], prov)
+                if args.dicom:
+                    save_dicom(img, path.with_suffix(".dcm"), prov)
+                log.write(json.dumps({"file": path.name, **prov.to_dict()}) + "\n")
+    if rows:
+        import numpy as np
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(out / name), dtype=np.float32) / 255.0 for name in names])
     if rows:
         save_grid(images, [label for label, _, _ in rows], args.n, out / "grid.png")
-    print(json.dumps({"out": str(out), "images": len(images), "model": version, "backend": backend.name}))
+    print(json.dumps({"out": str(out), "images": len(names), "resumed": len(done), "model": version,
+                      "backend": backend.name}))
     return 0
