@@ -517,7 +517,6 @@ def run(args: argparse.Namespace) -> int:
         from PIL import Image
 
         images = np.stack([np.asarray(Image.open(out / name), dtype=np.float32) / 255.0 for name in names])
-    if rows:
         save_grid(images, [label for label, _, _ in rows], args.n, out / "grid.png")
     print(json.dumps({"out": str(out), "images": len(names), "resumed": len(done), "model": version,
                       "backend": backend.name}))
