@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
 
@@ -394,25 +393,15 @@ def finished_images(out: Path, names: list[str], expected, scored: bool) -> set[
     return done
 
 
-def drop_torn_lines(path: Path) -> None:
-    """Rewrite a generation log without the lines an interruption tore (not JSON records), so the records a
-    resumed run appends stay whole and strict readers (``read_generation_log``) accept the log."""
+def drop_torn_line(path: Path) -> None:
+    """Cut a generation log back to its last whole line. ``run`` writes whole lines only, so an interruption can
+    tear only the last one; its image is then not counted as made, and is made again by the resumed run."""
     if not path.is_file():
         return
-    text = path.read_text(encoding="utf-8")
-    keep = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "file" in rec:
-            keep.append(line)
-    new = "".join(line + "\n" for line in keep)
-    if new != text:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(new, encoding="utf-8")
-        os.replace(tmp, path)
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def contiguous_batches(indices: list[int], size: int) -> list[list[int]]:
@@ -493,11 +482,10 @@ def run(args: argparse.Namespace) -> int:
                           scheduler=args.scheduler, height=size, width=size, findings=all_findings[i], scores=score)
 
     names = [f"{i:04d}_seed{args.seed + i}.png" for i in range(len(all_prompts))]
+    log_path = out / "generation.jsonl"
+    drop_torn_line(log_path)
     done = finished_images(out, names, lambda i: record(i, {}).to_dict(), args.score)
     todo = [i for i in range(len(all_prompts)) if i not in done]
-    log_path = out / "generation.jsonl"
-    if todo:
-        drop_torn_lines(log_path)
     # Written batch by batch: an interrupted run keeps what it made, and the same command resumes after it.
     for chunk in contiguous_batches(todo, args.batch_size):
         start = chunk[0]
