@@ -7,8 +7,12 @@ positive is scored on its own: positives = images with that kind, negatives = im
 (the same negatives for every kind). Lesions are also split by diameter. Reads the simulator's ground truth,
 so it runs on simulated data only.
 
+``--generated EVAL_FOLDER`` asks the same of a generator: the images ``cxrgen evaluate`` made for the test
+prompts (kept in EVAL_FOLDER/generated/heldout.pt, one per test film, in order) are scored beside the real films,
+kind by kind, with the ratio generated / real: which lesions the generator draws, and which it leaves out.
+
 Usage: python benchmarks/judge_findings.py [--judge runs/judge256] [--data runs/sim256-judge] [--split test]
-                                           [--size 128] [--labels L1,L2] [--out FILE]
+                                           [--size 128] [--labels L1,L2] [--generated EVAL_FOLDER] [--out FILE]
 Writes benchmarks/results/judge-findings-cpu.json (or --out) and prints a markdown table.
 """
 
@@ -119,12 +123,61 @@ def spot_pointing(judge, ds, rows: list[dict], data: Path, figure: Path | None, 
     return out, "\n".join(lines)
 
 
-def main() -> int:
-    import numpy as np
+def generated_images(folder: Path, data: str, n_test: int):
+    """The images ``cxrgen evaluate`` generated for the first test prompts of ``data`` (N, 1, H, W), read from
+    FOLDER/generated/heldout.pt; a SystemExit naming the problem when the folder holds another data set's
+    evaluation or none."""
+    import torch
 
+    metrics, cache = folder / "metrics.json", folder / "generated" / "heldout.pt"
+    if not metrics.is_file() or not cache.is_file():
+        raise SystemExit(f"judge_findings: --generated {folder}: no finished cxrgen evaluate there "
+                         f"(needs metrics.json and generated/heldout.pt)")
+    m = json.loads(metrics.read_text())
+    if (REPO / m["data"]).resolve() != Path(data).resolve():
+        raise SystemExit(f"judge_findings: --generated {folder} evaluated {m['data']}, not --data {data}")
+    images = torch.load(cache, weights_only=True)["value"][: m["n_prompts"]]
+    if len(images) != m["n_prompts"] or m["n_prompts"] > n_test:
+        raise SystemExit(f"judge_findings: --generated {folder}: {len(images)} images for {m['n_prompts']} "
+                         f"test prompts of {n_test} test films")
+    return images
+
+
+def label_table(s, rows: list[dict], label: str, real=None) -> tuple[dict, list[str]]:
+    """``label``'s AUROC per simulated kind and per lesion diameter from scores ``s`` (one per row); with
+    ``real`` (the same, from real films) each line also gives the real AUROC and the ratio."""
+    def line(name, n, auc, ref):
+        if real is None:
+            return f"| {label} | {name} | {n} | {auc:.3f} |" if auc is not None else f"| {label} | {name} | {n} | |"
+        r = ref.get("auroc") if ref else None
+        ratio = f" ({auc / r:.2f})" if auc is not None and r else ""
+        return f"| {label} | {name} | {n} | {r:.3f} | {auc:.3f}{ratio} |" if auc is not None and r is not None \
+            else f"| {label} | {name} | {n} | | |"
+
+    ref = real or {"by_kind": {}, "by_lesion_diameter": {}}
+    out, lines = {"by_kind": {}, "by_lesion_diameter": {}}, []
+    for kind in kinds_of(rows, label):
+        auc, n = auroc_subset(s, rows, label, lambda r, k=kind: any(f["kind"] == k for f in r["findings"]))
+        out["by_kind"][kind] = {"n": n, "auroc": auc}
+        lines.append(line(kind, n, auc, ref["by_kind"].get(kind)))
+    for lo, hi in SIZE_BINS:
+        def keep(r, lo=lo, hi=hi):
+            return r["labels"].get(label) == 1.0 and any(
+                lo <= (f.get("params") or {}).get("diameter_mm", -1) < hi for f in r["findings"])
+        auc, n = auroc_subset(s, rows, label, keep)
+        if n:
+            out["by_lesion_diameter"][f"{lo}-{hi} mm"] = {"n": n, "auroc": auc}
+            lines.append(line(f"lesion {lo}-{hi} mm", n, auc, ref["by_lesion_diameter"].get(f"{lo}-{hi} mm")))
+    auc, n = auroc_subset(s, rows, label, lambda r: r["labels"].get(label) == 1.0)
+    out["auroc"] = auc
+    lines.append(line("all", n, auc, ref))
+    return out, lines
+
+
+def main() -> int:
     from training.evaluate.judge import OBSERVATIONS, auroc_per_finding, load_judge, predict
     from training.evaluate.config import EvalConfig
-    from training.evaluate.harness import dataset
+    from training.evaluate.harness import ImageSet, dataset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--judge", default="runs/judge256")
@@ -132,6 +185,9 @@ def main() -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--size", type=int, default=128, help="the resolution the images are read at (the generator's)")
     p.add_argument("--labels", default=None, help="comma-separated labels (default: those with AUROC < 0.85)")
+    p.add_argument("--generated", default=None, metavar="EVAL_FOLDER",
+                   help="a cxrgen evaluate folder of --data: score its test prompts' generated images beside the "
+                        "real films, kind by kind")
     p.add_argument("--out", default="benchmarks/results/judge-findings-cpu.json", help="results file")
     p.add_argument("--figure", default=None,
                    help="a judge with a spot head: PNG of test films with lesions, the head's cells (red) and the "
@@ -139,37 +195,45 @@ def main() -> int:
     a = p.parse_args()
     if not (REPO / a.data / "ground_truth.jsonl").is_file():
         p.error(f"{a.data} has no ground_truth.jsonl: this diagnostic needs simulated data")
+    if a.generated and a.split != "test":
+        p.error("--generated: cxrgen evaluate generates for the test split's prompts; drop --split")
     judge = load_judge(REPO / a.judge)
     ds = dataset(EvalConfig(out="/dev/null", data=str(REPO / a.data)), a.split, a.size)
-    probs, labels, mask, _, _ = predict(judge, ds)
+    gen = generated_images(REPO / a.generated, str(REPO / a.data), len(ds)) if a.generated else None
+    n = len(gen) if gen is not None else len(ds)
+    if gen is not None:  # the real films of the same prompts, at the generated images' side
+        import torch
+
+        real = torch.stack([ds[i]["image"] for i in range(n)])
+        if real.shape[-1] != gen.shape[-1]:
+            p.error(f"--generated: its images are {gen.shape[-1]} px; give --size {gen.shape[-1]}")
+        labels_n = torch.stack([ds[i]["labels"] for i in range(n)])
+        ds_n = ImageSet(real, labels_n)
+        probs, labels, mask, _, _ = predict(judge, ds_n)
+        gprobs, _, _, _, _ = predict(judge, ImageSet(gen, labels_n))
+    else:
+        probs, labels, mask, _, _ = predict(judge, ds)
     overall = auroc_per_finding(probs, labels, mask)
-    rows = [ds[i]["ground_truth"] for i in range(len(ds))]  # the simulator's row of each image, in order
+    rows = [ds[i]["ground_truth"] for i in range(n)]  # the simulator's row of each image, in order
     names = a.labels.split(",") if a.labels else [k for k, v in overall.items() if v is not None and v < 0.85]
     result = {"benchmark": "judge-findings", "device": machine(), "judge": a.judge,
               "judge_config": judge.meta.get("config"), "data": a.data,
               "split": a.split, "size": a.size, "n_images": len(rows),
               "auroc": {k: v for k, v in overall.items() if v is not None}, "labels": {}}
-    lines = ["| label | positives by | n | AUROC |", "|---|---|---|---|"]
+    if gen is not None:
+        result.update(generated=a.generated, generated_auroc={
+            k: v for k, v in auroc_per_finding(gprobs, labels, mask).items() if v is not None}, generated_labels={})
+        lines = ["| label | positives by | n | AUROC real | AUROC generated (ratio) |", "|---|---|---|---|---|"]
+    else:
+        lines = ["| label | positives by | n | AUROC |", "|---|---|---|---|"]
     for label in names:
         j = OBSERVATIONS.index(label)
-        s = probs[:, j].numpy()
-        per_kind = {}
-        for kind in kinds_of(rows, label):
-            auc, n = auroc_subset(s, rows, label, lambda r, k=kind: any(f["kind"] == k for f in r["findings"]))
-            per_kind[kind] = {"n": n, "auroc": auc}
-            lines.append(f"| {label} | {kind} | {n} | {auc:.3f} |" if auc is not None else f"| {label} | {kind} | {n} | |")
-        per_size = {}
-        for lo, hi in SIZE_BINS:
-            def keep(r, lo=lo, hi=hi):
-                return r["labels"].get(label) == 1.0 and any(
-                    lo <= (f.get("params") or {}).get("diameter_mm", -1) < hi for f in r["findings"])
-            auc, n = auroc_subset(s, rows, label, keep)
-            if n:
-                per_size[f"{lo}-{hi} mm"] = {"n": n, "auroc": auc}
-                lines.append(f"| {label} | lesion {lo}-{hi} mm | {n} | {auc:.3f} |")
-        lines.append(f"| {label} | all | {int(np.nansum(labels[:, j].numpy() == 1))} | {overall[label]:.3f} |")
-        result["labels"][label] = {"auroc": overall[label], "by_kind": per_kind, "by_lesion_diameter": per_size}
-    if judge.spot:
+        result["labels"][label], text = label_table(probs[:, j].numpy(), rows, label)
+        if gen is not None:
+            result["generated_labels"][label], text = label_table(gprobs[:, j].numpy(), rows, label,
+                                                                  result["labels"][label])
+        lines += text
+    if judge.spot and gen is None:
         result["spot"], text = spot_pointing(judge, ds, rows, REPO / a.data, REPO / a.figure if a.figure else None)
         lines += ["", text]
     out = REPO / a.out

@@ -253,7 +253,7 @@ def test_an_interrupted_judge_training_resumes_to_the_same_weights(sim, trained,
 
 def test_oversampling_repeats_the_films_of_a_kind_not_of_its_label(sim):
     """{"nodule": 3}: films with a nodule appear 3 times; films positive for Lung Lesion by another kind once."""
-    from training.evaluate.judge import oversample_indices
+    from training.findings import oversample_indices
 
     ds = dataset(sim, "train")
     rows = [ds.ground_truth[d] for d in ds.frame["dicom_id"]]

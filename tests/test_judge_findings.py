@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -70,3 +71,31 @@ def test_pointing_counts_a_best_cell_on_the_finding_and_not_one_elsewhere(sim, t
         assert scored and all(v["pointing"] == (1.0 if on else 0.0) for v in scored.values()), (on, out)
         assert "| spot head: kind |" in text and fig.is_file()
     assert out["best_cell_median"]["with_lesion"] > 0.9 and out["best_cell_median"]["without"] > 0.9
+
+
+def test_generated_images_are_the_test_prompts_of_the_same_data(sim, tmp_path):
+    """--generated reads an evaluation's cached held-out images, the test prompts' first, and refuses another
+    data set's evaluation or a folder without one."""
+    root, ds, rows = sim
+    folder = tmp_path / "eval"
+    (folder / "generated").mkdir(parents=True)
+    images = torch.randn(10, 1, 64, 64)  # 6 test prompts, then 4 from a prompts file
+    torch.save({"key": "k", "value": images}, folder / "generated" / "heldout.pt")
+    (folder / "metrics.json").write_text(json.dumps({"data": str(root), "n_prompts": 6}))
+    assert torch.equal(judge_findings.generated_images(folder, str(root), len(ds)), images[:6])
+    with pytest.raises(SystemExit, match="evaluated .* not --data"):
+        judge_findings.generated_images(folder, str(tmp_path), len(ds))
+    with pytest.raises(SystemExit, match="no finished cxrgen evaluate"):
+        judge_findings.generated_images(tmp_path, str(root), len(ds))
+
+
+def test_label_table_puts_the_generated_auroc_beside_the_real_one(sim):
+    _, _, rows = sim
+    label = "Lung Lesion"
+    y = np.array([r["labels"].get(label) == 1.0 for r in rows], dtype=float)
+    assert 0 < y.sum() < len(y)
+    real, _ = judge_findings.label_table(y, rows, label)  # perfect scores
+    gen, lines = judge_findings.label_table(1 - y, rows, label, real)  # inverted: AUROC 0
+    assert real["auroc"] == 1.0 and gen["auroc"] == 0.0
+    assert lines[-1] == f"| {label} | all | {int(y.sum())} | 1.000 | 0.000 (0.00) |"
+    assert set(gen["by_kind"]) == set(real["by_kind"]) and gen["by_kind"]

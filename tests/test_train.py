@@ -135,7 +135,7 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--model", "x"], "exactly one of --model PATH or --init tiny"),
     (["--model", "/nonexistent"], "cannot load /nonexistent"),
     (["--init", "tiny", "--lr-schedule", "linear"], "invalid choice: 'linear'"),
-    (["--init", "tiny", "--oversample", "Devices=4"], "--oversample: unknown label 'Devices'"),
+    (["--init", "tiny", "--oversample", "Devices=4"], "--oversample: unknown label or kind 'Devices'"),
     (["--init", "tiny", "--oversample", "Support Devices"], "expected LABEL=K"),
     (["--init", "tiny", "--oversample", "Support Devices=0"], "must be an integer >= 1"),
     (["--init", "tiny", "--snr-gamma", "-1"], "--snr-gamma: expected a positive number or 'off'"),
@@ -161,6 +161,33 @@ def test_cli_errors_are_clear(data, tmp_path, args, message):
                            "--num-workers", "0", *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_oversample_by_a_simulator_kind(data, tmp_path):
+    """--oversample KIND=K repeats the films whose simulated exam has that kind (not every film of its label);
+    on data without the simulator's ground truth it is a clear CLI error."""
+    import shutil
+    from collections import Counter
+
+    from training.findings import oversample_indices
+    from training.train.loop import make_dataset
+
+    probe = make_dataset(cfg(data, tmp_path, init="tiny", oversample={"nodule": 1}), 32)
+    kinds = [{f["kind"] for f in probe.ground_truth[d]["findings"]} for d in probe.frame["dicom_id"]]
+    kind = Counter(k for ks in kinds for k in ks).most_common(1)[0][0]
+    c = cfg(data, tmp_path, init="tiny", oversample={kind: 3})
+    c.validate()
+    counts = Counter(oversample_indices(make_dataset(c, 32), c.oversample))
+    assert [counts[i] for i in range(len(kinds))] == [3 if kind in ks else 1 for ks in kinds]
+    assert 0 < sum(kind in ks for ks in kinds) < len(kinds)
+    bare = tmp_path / "real"
+    shutil.copytree(data, bare)
+    (bare / "ground_truth.jsonl").unlink()
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", str(bare), "--out",
+                           str(tmp_path / "o"), "--init", "tiny", "--oversample", f"{kind}=3"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--oversample {kind}: a simulator kind is read from ground_truth.jsonl" in proc.stderr
 
 
 @pytest.mark.parametrize("flag, gamma", [([], 5.0), (["--snr-gamma", "2.5"], 2.5), (["--snr-gamma", "off"], None),

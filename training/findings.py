@@ -220,3 +220,27 @@ def oversampled(labels, factors: Mapping[str, int], kinds: list[Iterable[str]] |
             raise ValueError(f"oversampling by the kind {name!r} needs the simulator's ground truth")
         reps = np.where(hit, np.maximum(reps, k), reps)
     return np.repeat(np.arange(len(labels)), reps).tolist()
+
+
+def oversample_indices(ds, factors: dict[str, int]) -> list[int]:
+    """``ds``'s indices, each repeated by the largest factor among the labels and simulator kinds it shows.
+
+    Reads ``ds.labels`` and the ground truth ``MimicCXRDataset`` keeps (``return_ground_truth=True``) without
+    decoding images; other data sets are asked sample by sample.
+    """
+    import torch
+
+    table, gt = getattr(ds, "labels", None), getattr(ds, "ground_truth", None)
+    if table is not None and (gt is not None or not any(k in KINDS for k in factors)):
+        rows = [gt[d] for d in ds.frame["dicom_id"]] if gt is not None else None
+    else:
+        samples = [ds[i] for i in range(len(ds))]
+        table = torch.stack([s["labels"] for s in samples]).numpy()
+        rows = [s.get("ground_truth") for s in samples]
+    kinds = None
+    if any(k in KINDS for k in factors):
+        if rows is None or any(r is None for r in rows):
+            raise ValueError("oversampling by a simulator kind needs simulator data loaded with "
+                             "return_ground_truth=True")
+        kinds = [[f["kind"] for f in r.get("findings", [])] for r in rows]
+    return oversampled(table, factors, kinds)

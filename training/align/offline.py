@@ -180,7 +180,7 @@ def real_images(cfg, size: int, with_labels: bool = False, with_rows: bool = Fal
     ds = MimicCXRDataset(LoaderConfig(root=cfg.real_data, split="train", size=size, return_ground_truth=with_rows))
     rng = random.Random(cfg.seed)
     if getattr(cfg, "real_oversample", None):
-        from training.evaluate.judge import oversample_indices
+        from training.findings import oversample_indices
 
         pool = oversample_indices(ds, cfg.real_oversample)  # film i appears K times
         rng.shuffle(pool)

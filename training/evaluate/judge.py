@@ -42,7 +42,7 @@ from torch import nn
 
 from training.artifacts import jsonable as _jsonable, read_meta, trim_log
 from training.evaluate.config import ARCHS, POOLINGS, PRECISIONS
-from training.findings import OBSERVATIONS
+from training.findings import OBSERVATIONS, oversample_indices
 
 log = logging.getLogger(__name__)
 
@@ -305,30 +305,6 @@ def augment(x: torch.Tensor, jitter: float, generator: torch.Generator) -> torch
     contrast = 1.0 + (torch.rand(shape, generator=generator) * 2 - 1) * jitter
     brightness = (torch.rand(shape, generator=generator) * 2 - 1) * (jitter / 2)
     return (x * contrast.to(x.device) + brightness.to(x.device)).clamp(-1.0, 1.0)
-
-
-def oversample_indices(ds, factors: dict[str, int]) -> list[int]:
-    """``ds``'s indices, each repeated by the largest factor among the labels and simulator kinds it shows.
-
-    Reads ``ds.labels`` and the ground truth ``MimicCXRDataset`` keeps (``return_ground_truth=True``) without
-    decoding images; other data sets are asked sample by sample.
-    """
-    from training.findings import KINDS, oversampled
-
-    table, gt = getattr(ds, "labels", None), getattr(ds, "ground_truth", None)
-    if table is not None and (gt is not None or not any(k in KINDS for k in factors)):
-        rows = [gt[d] for d in ds.frame["dicom_id"]] if gt is not None else None
-    else:
-        samples = [ds[i] for i in range(len(ds))]
-        table = torch.stack([s["labels"] for s in samples]).numpy()
-        rows = [s.get("ground_truth") for s in samples]
-    kinds = None
-    if any(k in KINDS for k in factors):
-        if rows is None or any(r is None for r in rows):
-            raise ValueError("oversampling by a simulator kind needs simulator data loaded with "
-                             "return_ground_truth=True")
-        kinds = [[f["kind"] for f in r.get("findings", [])] for r in rows]
-    return oversampled(table, factors, kinds)
 
 
 def pose_stats(ds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the (1 - SSIM) term of the VAE loss (default 0.2)")
     p.add_argument("--oversample", metavar="LABEL=K,...",
                    help="images positive for a CheXpert label appear K times per epoch, e.g. "
-                        "'Support Devices=4' (rare or small findings weigh more)")
+                        "'Support Devices=4' (rare or small findings weigh more); on simulated data a simulator "
+                        "kind as well, e.g. 'mass=4' (masses, not every Lung Lesion film)")
     p.add_argument("--contrast", metavar="LABEL=W,...",
                    help="prompt contrast (train/contrast.py) for a CheXpert label, weight W: a film's report must "
                         "denoise it better than the same report without the label's sentences (and a negative's "

@@ -108,9 +108,16 @@ class FinetuneConfig:
             raise ValueError(f"--snr-gamma must be > 0 or off, got {self.snr_gamma}")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
-        from ..findings import check_oversample
+        from ..findings import KINDS, check_oversample
 
-        check_oversample(self.oversample)
+        check_oversample(self.oversample, kinds=True)
+        if any(k in KINDS for k in self.oversample):
+            from ..data.mimic import GROUND_TRUTH
+
+            if not (Path(self.data) / GROUND_TRUTH).is_file():
+                raise ValueError(f"--oversample {[k for k in self.oversample if k in KINDS][0]}: a simulator kind "
+                                 f"is read from {GROUND_TRUTH}, which {self.data} does not have (simulated data "
+                                 f"only; name a CheXpert label instead)")
         if self.contrast:
             from .contrast import check_contrast
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import trim_log
-from ..findings import oversampled
+from ..findings import oversample_indices
 from ..model.checkpoint import Manifest, data_fingerprint, lineage_from, load_pipeline, save_checkpoint
 from ..model.components import TinyModelConfig, build_pipeline, relayout_unet, to_model_channels, train_tokenizer
 from .config import FinetuneConfig
@@ -98,9 +98,12 @@ def trainable(pipe, cfg: FinetuneConfig) -> dict[str, torch.nn.Module]:
 
 
 def make_dataset(cfg: FinetuneConfig, size: int):
+    """The training films; with the simulator's ground truth when --oversample names a simulator kind."""
     from ..data.mimic import MimicCXRDataset
+    from ..findings import KINDS
 
-    return MimicCXRDataset(root=cfg.data, views=cfg.views, split=cfg.split, size=size, normalize="unit")
+    return MimicCXRDataset(root=cfg.data, views=cfg.views, split=cfg.split, size=size, normalize="unit",
+                           return_ground_truth=any(k in KINDS for k in cfg.oversample))
 
 
 def collate(items: list[dict]) -> dict:
@@ -488,6 +491,8 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     fixed = collate([ds[i] for i in range(min(4, len(ds)))])["image"]
     # 4. Trainable parameters, optimiser, EMA; accelerate wraps what trains.
     labels = ds.labels
+    # Repeats of each film, from the films' labels and kinds (before caching: the latents do not keep them).
+    repeats = oversample_indices(ds, cfg.oversample) if cfg.oversample else None
     contrast = None
     if cfg.contrast:  # the sentences a negative's report may get: the training positives' own
         from .contrast import contrast_labels
@@ -500,7 +505,7 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
             cache_films(pipe.vae, ds, latents, contrast, cfg, out, progress)
         ds = latents
     if cfg.oversample:  # after caching: each image is encoded once however often it is seen
-        ds = torch.utils.data.Subset(ds, oversampled(labels, cfg.oversample))
+        ds = torch.utils.data.Subset(ds, repeats)
     mods = trainable(pipe, cfg)
     opt, lr_sched = make_optimizer(mods, cfg)
     names = list(mods)
