@@ -143,6 +143,21 @@ def generated_images(folder: Path, data: str, n_test: int):
     return images
 
 
+def pair_figure(real, gen, rows: list[dict], kinds: list[str], path: Path, k: int = 3) -> None:
+    """PNG of the first ``k`` test films showing each of ``kinds``: the real film above the image generated for
+    its report (same order as the tables)."""
+    import numpy as np
+    from PIL import Image
+
+    cols = []
+    for kind in kinds:
+        for i in [i for i, r in enumerate(rows) if any(f["kind"] == kind for f in r["findings"])][:k]:
+            cols.append(np.concatenate([(real[i, 0].numpy() + 1) / 2, (gen[i, 0].numpy() + 1) / 2], 0))
+    if cols:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.concatenate(cols, 1).clip(0, 1) * 255).astype(np.uint8)).save(path)
+
+
 def label_table(s, rows: list[dict], label: str, real=None) -> tuple[dict, list[str]]:
     """``label``'s AUROC per simulated kind and per lesion diameter from scores ``s`` (one per row); with
     ``real`` (the same, from real films) each line also gives the real AUROC and the ratio."""
@@ -191,7 +206,8 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/judge-findings-cpu.json", help="results file")
     p.add_argument("--figure", default=None,
                    help="a judge with a spot head: PNG of test films with lesions, the head's cells (red) and the "
-                        "finding masks (green outline)")
+                        "finding masks (green outline); with --generated: real films of each lesion kind above the "
+                        "images generated for their reports")
     a = p.parse_args()
     if not (REPO / a.data / "ground_truth.jsonl").is_file():
         p.error(f"{a.data} has no ground_truth.jsonl: this diagnostic needs simulated data")
@@ -233,6 +249,11 @@ def main() -> int:
             result["generated_labels"][label], text = label_table(gprobs[:, j].numpy(), rows, label,
                                                                   result["labels"][label])
         lines += text
+    if gen is not None and a.figure:
+        kinds = list(dict.fromkeys(k for label in names for k in kinds_of(rows, label)
+                                   if k in ("calcified_granuloma", "nodule", "mass")))
+        pair_figure(real, gen, rows, kinds or kinds_of(rows, names[0]), REPO / a.figure)
+        result["figure"] = a.figure
     if judge.spot and gen is None:
         result["spot"], text = spot_pointing(judge, ds, rows, REPO / a.data, REPO / a.figure if a.figure else None)
         lines += ["", text]

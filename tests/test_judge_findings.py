@@ -99,3 +99,16 @@ def test_label_table_puts_the_generated_auroc_beside_the_real_one(sim):
     assert real["auroc"] == 1.0 and gen["auroc"] == 0.0
     assert lines[-1] == f"| {label} | all | {int(y.sum())} | 1.000 | 0.000 (0.00) |"
     assert set(gen["by_kind"]) == set(real["by_kind"]) and gen["by_kind"]
+
+
+def test_pair_figure_puts_each_real_film_above_its_generated_image(sim, tmp_path):
+    from PIL import Image
+
+    _, ds, rows = sim
+    real, gen = torch.full((len(rows), 1, 64, 64), 1.0), torch.full((len(rows), 1, 64, 64), -1.0)
+    kinds = [k for k in KINDS if any(f["kind"] == k for r in rows for f in r["findings"])]
+    assert kinds
+    judge_findings.pair_figure(real, gen, rows, kinds, tmp_path / "pairs.png", k=2)
+    img = np.asarray(Image.open(tmp_path / "pairs.png"))
+    n = sum(min(2, sum(any(f["kind"] == k for f in r["findings"]) for r in rows)) for k in kinds)
+    assert img.shape == (128, 64 * n) and (img[:64] == 255).all() and (img[64:] == 0).all()
