@@ -353,3 +353,89 @@ def test_encoder_fingerprint_follows_the_encoder_not_the_decoder(vae_run):
     with torch.no_grad():
         next(pipe.vae.encoder.parameters()).add_(1.0)
     assert encoder_fingerprint(pipe.vae) != before
+
+
+@pytest.fixture(scope="module")
+def masked(data, tmp_path_factory):
+    """The training data with the simulator's finding masks of the lesion kinds (16 x 16 grid)."""
+    import shutil
+
+    from training.simulator.masks import finding_masks
+
+    root = tmp_path_factory.mktemp("masked") / "sim"
+    shutil.copytree(data, root)
+    finding_masks(root, ("calcified_granuloma", "nodule", "mass"), grid=16, workers=1, progress=False)
+    return str(root)
+
+
+def test_focus_weights_are_one_plus_w_on_a_kinds_cells(masked):
+    import numpy as np
+
+    from training.simulator.masks import load_masks
+    from training.train.loop import focus_weights, make_dataset
+
+    ids = [str(d) for d in make_dataset(cfg(masked, "unused", init="tiny"), 32).frame["dicom_id"]]
+    tables = {k: load_masks(masked, (k,))[0] for k in ("calcified_granuloma", "nodule", "mass")}
+    kinds = [k for k, t in tables.items() if any(t.get(d, np.zeros(1)).any() for d in ids)]
+    assert kinds, "the fixture should hold at least one lesion"
+    w = focus_weights(masked, ids, {k: 4.0 + i for i, k in enumerate(kinds)}, (8, 8))
+    assert w.shape == (len(ids), 8, 8)
+    for n, d in enumerate(ids):
+        want = torch.ones(8, 8)
+        for i, k in enumerate(kinds):
+            if d in tables[k]:
+                on = torch.nn.functional.adaptive_max_pool2d(
+                    torch.from_numpy(tables[k][d].astype(np.float32))[None, None], 8)[0, 0] > 0
+                want = torch.where(on, torch.clamp(want, min=5.0 + i), want)
+        torch.testing.assert_close(w[n], want)
+    assert (w > 1).any() and (w == 1).all(dim=(1, 2)).any()  # lesion cells weighed, lesion-free films not
+
+
+def test_focus_scales_the_denoising_error_cell_by_cell(data, vae_run):
+    from diffusers import DDPMScheduler
+
+    from training.train.loop import Parts, collate, diffusion_loss, make_dataset
+
+    pipe, _ = load_pipeline(vae_run / "checkpoint")
+    c = cfg(data, "unused", model="x", train=("unet",), text_dropout=0.0, snr_gamma=None)
+    batch = collate([make_dataset(c, 32)[i] for i in range(4)])
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    h = 32 // 8
+
+    def loss(focus=None):
+        torch.manual_seed(0)
+        keep = []
+        with torch.no_grad():
+            out = diffusion_loss(Parts(pipe, {}), sched, batch["image"], batch["prompt"], c, keep=keep, focus=focus)
+        return out, keep[0].per
+
+    plain, per = loss()
+    doubled, per2 = loss(torch.full((4, h, h), 2.0))
+    torch.testing.assert_close(doubled, 2 * plain)
+    torch.testing.assert_close(per2, per)  # the contrast's per-image errors stay unweighted
+    one_cell = torch.ones(4, h, h)
+    one_cell[:, 0, 0] = 11.0
+    assert loss(one_cell)[0] > plain
+
+
+def test_focus_trains_on_cached_latents_and_errors_are_clear(data, masked, vae_run, tmp_path):
+    folder = train(cfg(masked, tmp_path / "f", model=str(vae_run / "checkpoint"), train=("unet",),
+                       cache_latents=True, focus={"mass": 20.0, "nodule": 10.0}), progress=False)
+    assert (folder / "model_index.json").is_file()
+    assert Manifest.read(folder).config["finetune"]["focus"] == {"mass": 20.0, "nodule": 10.0}
+    for args, message in [
+        (["--focus", "mass=20"], "--focus attaches each film's finding mask to its cached latent: add --cache-latents"),
+        (["--focus", "blob=20", "--cache-latents"], "--focus: unknown simulator kind 'blob'"),
+        (["--focus", "mass=0", "--cache-latents"], "--focus mass: the weight must be a number > 0"),
+        (["--focus", "mass", "--cache-latents"], "expected KIND=W, e.g. 'mass=20'"),
+        (["--focus", "pneumothorax=5", "--cache-latents"], "holds masks of"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", masked, "--out",
+                               str(tmp_path / "o"), "--init", "tiny", "--num-workers", "0", *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr, (message, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", data, "--out", str(tmp_path / "o"),
+                           "--init", "tiny", "--focus", "mass=5", "--cache-latents"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--focus reads the simulator's finding masks:" in proc.stderr and "has no finding_masks.npz" in proc.stderr

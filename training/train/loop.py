@@ -111,6 +111,8 @@ def collate(items: list[dict]) -> dict:
     out = {key: torch.stack([it[key] for it in items]), "prompt": [it["prompt"] for it in items]}
     if "labels" in items[0]:  # CheXpert labels (NaN: not mentioned): the prompt contrast picks its pairs by them
         out["labels"] = torch.stack([it["labels"] for it in items])
+    if "focus" in items[0]:  # --focus: each latent cell's loss weight
+        out["focus"] = torch.stack([it["focus"] for it in items])
     if "has_film" in items[0]:  # --contrast-films: the counterfactual films' posteriors
         out["film_dist"] = torch.stack([it["film_dist"] for it in items])
         out["has_film"] = torch.tensor([it["has_film"] for it in items])
@@ -126,6 +128,7 @@ class LatentSet(torch.utils.data.Dataset):
         self.dists, self.prompts, self.labels = dists, prompts, labels
         self.film_row: torch.Tensor | None = None  # (N,) row of film_dists, -1 for none
         self.film_dists: torch.Tensor | None = None  # (M, 2, 2C, h, w): posteriors with, without
+        self.focus: torch.Tensor | None = None  # (N, h, w) loss weight of each latent cell (--focus)
 
     def add_films(self, rows: list[int], film_dists: torch.Tensor) -> None:
         self.film_row = torch.full((len(self.dists),), -1, dtype=torch.long)
@@ -135,8 +138,13 @@ class LatentSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dists)
 
+    def add_focus(self, weights: torch.Tensor) -> None:
+        self.focus = weights
+
     def __getitem__(self, i: int) -> dict:
         item = {"latent_dist": self.dists[i], "prompt": self.prompts[i], "labels": self.labels[i]}
+        if self.focus is not None:
+            item["focus"] = self.focus[i]
         if self.film_row is not None:
             r = int(self.film_row[i])
             item["has_film"] = r >= 0
@@ -212,6 +220,26 @@ def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Pa
     latents.add_films(films["rows"], films["dists"])
 
 
+def focus_weights(data, dicom_ids: list[str], weights: dict, grid: tuple[int, int]) -> torch.Tensor:
+    """--focus: (N, h, w) loss weights on the latent grid, 1 + W on the cells a kind's finding mask touches
+    (max-pooled from the mask's grid; the largest W where kinds overlap), 1 elsewhere and on films without one."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from ..simulator.masks import load_masks
+
+    out = torch.ones(len(dicom_ids), *grid)
+    for kind, w in weights.items():
+        table, _ = load_masks(data, (kind,))
+        rows = [i for i, d in enumerate(dicom_ids) if d in table and table[d].any()]
+        if not rows:
+            continue
+        m = torch.from_numpy(np.stack([table[dicom_ids[i]] for i in rows]).astype(np.float32))[:, None]
+        on = F.adaptive_max_pool2d(m, grid)[:, 0] > 0
+        out[rows] = torch.where(on, torch.clamp(out[rows], min=1.0 + float(w)), out[rows])
+    return out
+
+
 def loader_for_epoch(ds, cfg: FinetuneConfig, epoch: int):
     """Shuffled with a generator seeded by (seed, epoch): the order is reproducible on resume."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -255,12 +283,14 @@ class Denoised:
 
 
 def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig,
-                   latent_dist: torch.Tensor | None = None, keep: list | None = None) -> torch.Tensor:
+                   latent_dist: torch.Tensor | None = None, keep: list | None = None,
+                   focus: torch.Tensor | None = None) -> torch.Tensor:
     """Denoising loss on latents (epsilon or v target), min-SNR weighted (Hang et al. 2023).
 
     ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer;
     ``latent_dist`` (cached posterior parameters) replaces encoding ``images``; a ``keep`` list receives the
-    pass's ``Denoised``.
+    pass's ``Denoised`` (its per-image errors unweighted: the prompt contrast compares readings of one film);
+    ``focus`` (B, h, w) weighs each latent cell's squared error (--focus).
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -279,9 +309,12 @@ def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str],
     read = drop_prompts(prompts, cfg.text_dropout)
     pred = parts.unet(noisy, t, encode_text(parts, read)).sample
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    sq = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per = sq.mean(dim=(1, 2, 3))
     if keep is not None:
         keep.append(Denoised(noisy, t, read, target, per))
+    if focus is not None:  # an error on a finding's cells counts 1 + W times
+        per = (sq * focus.to(sq.device, sq.dtype)[:, None]).mean(dim=(1, 2, 3))
     if cfg.snr_gamma is None:
         return per.mean()
     return (per * min_snr_weight(noise_sched, t, cfg.snr_gamma)).mean()
@@ -420,7 +453,8 @@ def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig, contrast: li
         logs["loss_vae"], loss = lv.item(), loss + lv
     if set(cfg.train) & {"unet", "text_encoder"}:
         keep = [] if contrast else None
-        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist, keep=keep)
+        ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist, keep=keep,
+                            focus=batch.get("focus"))
         logs["loss_diffusion"], loss = ld.item(), loss + ld
         if contrast:
             from .contrast import contrast_loss
@@ -503,6 +537,9 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         latents = cache_latents(pipe.vae, ds, cfg, progress, out)
         if cfg.contrast_films:
             cache_films(pipe.vae, ds, latents, contrast, cfg, out, progress)
+        if cfg.focus:
+            latents.add_focus(focus_weights(cfg.data, [str(d) for d in ds.frame["dicom_id"]], cfg.focus,
+                                            tuple(latents.dists.shape[-2:])))
         ds = latents
     if cfg.oversample:  # after caching: each image is encoded once however often it is seen
         ds = torch.utils.data.Subset(ds, repeats)
