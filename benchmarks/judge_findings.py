@@ -193,6 +193,7 @@ def main() -> int:
     from training.evaluate.judge import OBSERVATIONS, auroc_per_finding, load_judge, predict
     from training.evaluate.config import EvalConfig
     from training.evaluate.harness import ImageSet, dataset
+    from training.simulator.masks import LESION_KINDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--judge", default="runs/judge256")
@@ -220,17 +221,18 @@ def main() -> int:
     if gen is not None:  # the real films of the same prompts, at the generated images' side
         import torch
 
-        real = torch.stack([ds[i]["image"] for i in range(n)])
+        items = [ds[i] for i in range(n)]  # each film decoded once
+        real = torch.stack([it["image"] for it in items])
         if real.shape[-1] != gen.shape[-1]:
             p.error(f"--generated: its images are {gen.shape[-1]} px; give --size {gen.shape[-1]}")
-        labels_n = torch.stack([ds[i]["labels"] for i in range(n)])
-        ds_n = ImageSet(real, labels_n)
-        probs, labels, mask, _, _ = predict(judge, ds_n)
+        labels_n = torch.stack([it["labels"] for it in items])
+        probs, labels, mask, _, _ = predict(judge, ImageSet(real, labels_n))
         gprobs, _, _, _, _ = predict(judge, ImageSet(gen, labels_n))
+        rows = [it["ground_truth"] for it in items]
     else:
         probs, labels, mask, _, _ = predict(judge, ds)
+        rows = [ds[i]["ground_truth"] for i in range(n)]  # the simulator's row of each image, in order
     overall = auroc_per_finding(probs, labels, mask)
-    rows = [ds[i]["ground_truth"] for i in range(n)]  # the simulator's row of each image, in order
     names = a.labels.split(",") if a.labels else [k for k, v in overall.items() if v is not None and v < 0.85]
     result = {"benchmark": "judge-findings", "device": machine(), "judge": a.judge,
               "judge_config": judge.meta.get("config"), "data": a.data,
@@ -251,7 +253,7 @@ def main() -> int:
         lines += text
     if gen is not None and a.figure:
         kinds = list(dict.fromkeys(k for label in names for k in kinds_of(rows, label)
-                                   if k in ("calcified_granuloma", "nodule", "mass")))
+                                   if k in LESION_KINDS))
         pair_figure(real, gen, rows, kinds or kinds_of(rows, names[0]), REPO / a.figure)
         result["figure"] = a.figure
     if judge.spot and gen is None:
