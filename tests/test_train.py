@@ -86,6 +86,31 @@ def test_resume_is_exact(data, vae_run, tmp_path):
     assert log == [1, 2, 3, 4]
 
 
+def test_until_pauses_on_the_full_schedule_and_continues_exactly(data, vae_run, tmp_path):
+    """--until 2 of a 4-step cosine run, then the same run on: the 4-step run's weights (the schedule is --steps',
+    not the pause's); a pause writes the state but no checkpoint, and pausing again there changes nothing."""
+    common = dict(model=str(vae_run / "checkpoint"), train=("unet",), sample_every=0, checkpoint_every=0, steps=4,
+                  lr_schedule="cosine", warmup_steps=0)
+    straight = train(cfg(data, tmp_path / "a", **common), progress=False)
+    assert train(cfg(data, tmp_path / "b", **common), progress=False, until=2) is None
+    state = tmp_path / "b" / "state"
+    assert json.loads((state / "progress.json").read_text())["step"] == 2
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    full = [json.loads(x)["lr"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert lrs == full[:2] and lrs[1] > 0  # step 2 of 4, not the end of a 2-step decay
+    before = (state / "progress.json").stat().st_mtime_ns
+    assert train(cfg(data, tmp_path / "b", **common), progress=False, until=2) is None
+    assert (state / "progress.json").stat().st_mtime_ns == before
+    resumed = train(cfg(data, tmp_path / "b", **common), progress=False)
+    a, _ = load_pipeline(straight)
+    b, _ = load_pipeline(resumed)
+    for (n, p), (_, q) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="--until must be a step >= 1, got 0"):
+        train(cfg(data, tmp_path / "c", **common), progress=False, until=0)
+
+
 def test_a_model_continues_at_twice_its_side(data, vae_run, tmp_path):
     """--image-size 64 on a 32 px model: the same weights read 64 px films (8 x 8 latents), the checkpoint says
     64 and generates at 64; its U-Net is the parent's, trained on."""
@@ -140,6 +165,8 @@ def test_loss_falls_on_a_fixed_batch(data, vae_run):
     (["--init", "tiny", "--oversample", "Support Devices=0"], "must be an integer >= 1"),
     (["--init", "tiny", "--snr-gamma", "-1"], "--snr-gamma: expected a positive number or 'off'"),
     (["--init", "tiny", "--snr-gamma", "high"], "--snr-gamma: expected a positive number or 'off'"),
+    (["--init", "tiny", "--until", "0"], "--until: expected a step number >= 1, got '0'"),
+    (["--init", "tiny", "--until", "half"], "--until: expected a step number >= 1, got 'half'"),
     (["--model", "m", "--vae-factor", "4"], "--vae-factor builds a fresh model's VAE: use it with --init tiny"),
     (["--init", "tiny", "--vae-factor", "2"], "invalid choice: 2"),
     (["--init", "tiny", "--unet-attention", "cross,sparse"], "(or true / false), got 'sparse'"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
 from .config import LR_SCHEDULES, FinetuneConfig
 
@@ -82,8 +84,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "
                         "learned; 'off' trains on the plain epsilon MSE")
     p.add_argument("--version", help="version name of the resulting checkpoint")
+    p.add_argument("--until", type=positive_step, metavar="STEP",
+                   help="pause after this step with the resumable state saved (OUT/state), keeping --steps' "
+                        "learning-rate schedule; the same command without --until (or with a later one) "
+                        "continues, and benchmarks/snapshot.py takes the paused run's EMA weights")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def positive_step(text: str) -> int:
+    """``--until``: a whole number of steps, at least 1."""
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number >= 1, got {text!r}") from None
+    if step < 1:
+        raise argparse.ArgumentTypeError(f"expected a step number >= 1, got {text!r}")
+    return step
 
 
 def parse_snr_gamma(text: str) -> float:
@@ -152,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
     print("train config:", cfg.to_json())
-    folder = train(cfg, progress=not args.no_progress)
+    folder = train(cfg, progress=not args.no_progress, until=args.until)
+    if folder is None:
+        done = json.loads((Path(cfg.out) / "state" / "progress.json").read_text())["step"]
+        print(f"paused at step {done} of {cfg.steps}: state in {Path(cfg.out) / 'state'}; run the same command "
+              "without --until to continue")
+        return 0
     print(f"checkpoint: {folder}")
     return 0

@@ -503,8 +503,15 @@ def finish(pipe, mods: dict, ema, cfg: FinetuneConfig, fixed: torch.Tensor, out:
     return save_checkpoint(pipe, out / "checkpoint", manifest)
 
 
-def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
-    """Run (or resume) a finetuning run; returns the final checkpoint folder."""
+def train(cfg: FinetuneConfig, progress: bool = True, until: int | None = None) -> Path | None:
+    """Run (or resume) a finetuning run; returns the final checkpoint folder.
+
+    ``until``: pause after that optimiser step with the resumable state saved (OUT/state) and return None; the
+    learning-rate schedule stays that of ``cfg.steps``, so running on later gives the same weights as one
+    uninterrupted run. A run already at or past ``until`` is left as it is.
+    """
+    if until is not None and until < 1:
+        raise ValueError(f"--until must be a step >= 1, got {until}")
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -565,7 +572,11 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     log = open(out / "log.jsonl", "a")
     t0 = time.perf_counter() - done_seconds  # seconds count across resumes
-    while step < cfg.steps:
+    stop = cfg.steps if until is None else min(until, cfg.steps)
+    if step >= stop and stop < cfg.steps:  # already paused there (or later): nothing to do
+        bar.close(), log.close()
+        return None
+    while step < stop:
         batch = next(data)
         seen += 1
         for m in wrapped.values():
@@ -590,9 +601,11 @@ def train(cfg: FinetuneConfig, progress: bool = True) -> Path:
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     bar.close(), log.close()
-    # 7. Final checkpoint (EMA weights) and samples from it.
+    # 7. Final checkpoint (EMA weights) and samples from it; a pause keeps only the state.
     save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
+    if step < cfg.steps:
+        return None
     if not accelerator.is_main_process:
         return out / "checkpoint"
     folder = finish(pipe, mods, ema, cfg, fixed, out, {"train_seconds": round(time.perf_counter() - t0, 1)})
