@@ -466,3 +466,33 @@ def test_focus_trains_on_cached_latents_and_errors_are_clear(data, masked, vae_r
                            "--init", "tiny", "--focus", "mass=5", "--cache-latents"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--focus reads the simulator's finding masks:" in proc.stderr and "has no finding_masks.npz" in proc.stderr
+
+
+def test_ground_trains_on_cached_latents_and_errors_are_clear(masked, tmp_path):
+    """--ground: a run on masked data logs the grounding term wherever a batch holds a grounded (film, word) pair,
+    records the kinds in the manifest, and leaves the saved U-Net with its own attention processors."""
+    kinds = {"mass": 1.0, "nodule": 1.0, "calcified_granuloma": 1.0}
+    # a fresh micro model whose tokenizer learns these reports and reads 64 tokens: the granuloma films' words
+    # fall inside the prompt it reads; those films are shown 4 times an epoch
+    folder = train(cfg(masked, tmp_path / "g", init="tiny", model_config={**MICRO, "max_length": 64},
+                       train=("unet",), cache_latents=True, ground=kinds, oversample={"calcified_granuloma": 4},
+                       steps=6, batch_size=4, text_dropout=0.0), progress=False)
+    assert Manifest.read(folder).config["finetune"]["ground"] == kinds
+    rows = [json.loads(x) for x in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
+    grounded = [r for r in rows if "loss_ground" in r]
+    assert grounded and all(0.0 <= r["ground_share"] <= 1.0 and r["loss_ground"] >= 0 for r in grounded)
+    pipe, _ = load_pipeline(folder)
+    assert not any(type(p).__name__ == "GroundingProcessor" for p in pipe.unet.attn_processors.values())
+    for args, message in [
+        (["--ground", "mass=1"], "--ground attaches each film's finding mask to its cached latent: add --cache-latents"),
+        (["--ground", "consolidation=1", "--cache-latents"], "--ground: no report words are known for ['consolidation']"),
+        (["--ground", "mass=0", "--cache-latents"], "--ground mass: the weight must be a number > 0"),
+        (["--ground", "mass", "--cache-latents"], "--ground 'mass': expected KIND=W, e.g. 'mass=1'"),
+        (["--ground", "mass=1", "--cache-latents", "--train", "text_encoder"],
+         "--ground trains the U-Net's cross-attention: include unet in --train"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", masked, "--out",
+                               str(tmp_path / "o"), "--init", "tiny", "--num-workers", "0", *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr, (message, proc.stderr)

@@ -118,3 +118,19 @@ def load_masks(path: str | Path, kinds: tuple[str, ...] | None = None) -> tuple[
         masks = (z["masks"] & bits) > 0
         facts = {"kinds": want, "grid": int(z["grid"]), "rel": float(z["rel"]), "size": int(z["size"])}
         return dict(zip((str(d) for d in z["dicom_id"]), masks)), facts
+
+
+def grid_masks(data: str | Path, dicom_ids: list[str], kinds: tuple[str, ...], grid: tuple[int, int]):
+    """(N, K, h, w) bool torch tensor: the cells of a ``grid`` (a latent grid) each kind's finding mask touches
+    on each film (max-pooled from the masks' own grid); all False for a film without that kind."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.zeros(len(dicom_ids), len(kinds), *grid, dtype=torch.bool)
+    for k, kind in enumerate(kinds):
+        table, _ = load_masks(data, (kind,))
+        rows = [i for i, d in enumerate(dicom_ids) if d in table and table[d].any()]
+        if rows:
+            m = torch.from_numpy(np.stack([table[dicom_ids[i]] for i in rows]).astype(np.float32))[:, None]
+            out[rows, k] = F.adaptive_max_pool2d(m, grid)[:, 0] > 0
+    return out

@@ -79,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="simulated data with finding masks (cxrgen simulate --finding-masks) and --cache-latents: "
                         "the denoising error on a simulator kind's footprint counts 1 + W times, e.g. 'mass=20' (a "
                         "lesion's own pixels, not only its share of the film)")
+    p.add_argument("--ground", metavar="KIND=W,...",
+                   help="simulated data with finding masks and --cache-latents: token grounding (TokenCompose, "
+                        "Wang et al. 2024): the U-Net's cross-attention of the words naming a kind (mass, nodule, "
+                        "granuloma) is pulled onto the kind's finding mask, weight W, e.g. 'mass=1,nodule=1'")
     p.add_argument("--snr-gamma", type=parse_snr_gamma, dest="snr_gamma", metavar="GAMMA|off",
                    help="min-SNR loss weighting (Hang et al. 2023; default 5): each timestep's loss is weighted "
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "
@@ -135,12 +139,15 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for k, v in vars(args).items():
-        if k in fields and v is not None and k not in ("train", "oversample", "contrast", "focus", "unet_attention"):
+        if k in fields and v is not None and k not in ("train", "oversample", "contrast", "focus", "ground",
+                                                                "unet_attention"):
             setattr(cfg, k, v)
     if args.oversample:
         cfg.oversample = parse_oversample(args.oversample)
     if args.focus:
         cfg.focus = parse_oversample(args.focus, "KIND=W, e.g. 'mass=20'", "--focus", float)
+    if args.ground:
+        cfg.ground = parse_oversample(args.ground, "KIND=W, e.g. 'mass=1'", "--ground", float)
     if args.contrast:
         cfg.contrast = parse_oversample(args.contrast, "LABEL=W, e.g. 'Support Devices=20'", "--contrast", float)
     if args.train:

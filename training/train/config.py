@@ -64,6 +64,10 @@ class FinetuneConfig:
     # finding masks, DATA/finding_masks.npz) counts 1 + W times, e.g. {"mass": 20.0}: the U-Net pays for a
     # lesion's own pixels, not only for the 1-2 % of the film it is; empty = off
     focus: dict = dataclasses.field(default_factory=dict)
+    # simulator kind -> weight W of token grounding (TokenCompose; train/ground.py): the U-Net's cross-attention
+    # of the words naming the kind ("mass", "nodule", "granuloma") is pulled onto the kind's finding mask,
+    # e.g. {"mass": 1.0}; empty = off
+    ground: dict = dataclasses.field(default_factory=dict)
     # -- VAE stage --
     vae_crop: int = 0  # > 0: train the VAE on random square crops of this side (cheaper; convolutions are local)
     vae_kl_weight: float = 1e-6  # KL term of the VAE loss (SD used ~1e-6)
@@ -81,25 +85,26 @@ class FinetuneConfig:
     num_workers: int = 2  # data loader processes; also the processes that render --contrast-films
     version: str = ""  # version name of the resulting checkpoint (default: run folder name)
 
-    def _check_focus(self) -> None:
-        """--focus: known kinds, positive weights, cached latents, and the data's finding masks of those kinds."""
+    def _check_masked(self, flag: str, kinds: dict, what: str) -> None:
+        """--focus / --ground: known kinds, positive weights, unet trained, cached latents, and the data's
+        finding masks of those kinds."""
         from ..findings import KINDS
         from ..simulator.masks import MASKS_FILE, load_masks
 
-        for kind, w in self.focus.items():
+        for kind, w in kinds.items():
             if kind not in KINDS:
-                raise ValueError(f"--focus: unknown simulator kind {kind!r}; known: {sorted(KINDS)}")
+                raise ValueError(f"{flag}: unknown simulator kind {kind!r}; known: {sorted(KINDS)}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
-                raise ValueError(f"--focus {kind}: the weight must be a number > 0, got {w!r}")
+                raise ValueError(f"{flag} {kind}: the weight must be a number > 0, got {w!r}")
         if "unet" not in self.train:
-            raise ValueError("--focus weighs the U-Net's denoising loss: include unet in --train")
+            raise ValueError(f"{flag} {what}: include unet in --train")
         if not self.cache_latents:
-            raise ValueError("--focus attaches each film's finding mask to its cached latent: add --cache-latents")
+            raise ValueError(f"{flag} attaches each film's finding mask to its cached latent: add --cache-latents")
         if not (Path(self.data) / MASKS_FILE).is_file():
-            raise ValueError(f"--focus reads the simulator's finding masks: {self.data} has no {MASKS_FILE} (make "
+            raise ValueError(f"{flag} reads the simulator's finding masks: {self.data} has no {MASKS_FILE} (make "
                              f"them with `cxrgen simulate --out {self.data} ... --finding-masks "
-                             f"{','.join(self.focus)}`)")
-        load_masks(self.data, tuple(self.focus))  # a ValueError naming kinds the file lacks
+                             f"{','.join(kinds)}`)")
+        load_masks(self.data, tuple(kinds))  # a ValueError naming kinds the file lacks
 
     def validate(self) -> None:
         if not self.data:
@@ -149,7 +154,15 @@ class FinetuneConfig:
             if not set(self.train) & {"unet", "text_encoder"}:
                 raise ValueError("--contrast is a term of the denoising loss: include unet or text_encoder in --train")
         if self.focus:
-            self._check_focus()
+            self._check_masked("--focus", self.focus, "weighs the U-Net's denoising loss")
+        if self.ground:
+            from .ground import KIND_WORDS
+
+            unnamed = [k for k in self.ground if k not in KIND_WORDS]
+            if unnamed:
+                raise ValueError(f"--ground: no report words are known for {unnamed}; grounded kinds: "
+                                 f"{sorted(KIND_WORDS)}")
+            self._check_masked("--ground", self.ground, "trains the U-Net's cross-attention")
         if self.contrast_films:
             if not self.contrast:
                 raise ValueError("--contrast-films changes how --contrast pairs films: give --contrast LABEL=W")

@@ -113,6 +113,8 @@ def collate(items: list[dict]) -> dict:
         out["labels"] = torch.stack([it["labels"] for it in items])
     if "focus" in items[0]:  # --focus: each latent cell's loss weight
         out["focus"] = torch.stack([it["focus"] for it in items])
+    if "ground" in items[0]:  # --ground: each grounded kind's cells
+        out["ground"] = torch.stack([it["ground"] for it in items])
     if "has_film" in items[0]:  # --contrast-films: the counterfactual films' posteriors
         out["film_dist"] = torch.stack([it["film_dist"] for it in items])
         out["has_film"] = torch.tensor([it["has_film"] for it in items])
@@ -129,6 +131,7 @@ class LatentSet(torch.utils.data.Dataset):
         self.film_row: torch.Tensor | None = None  # (N,) row of film_dists, -1 for none
         self.film_dists: torch.Tensor | None = None  # (M, 2, 2C, h, w): posteriors with, without
         self.focus: torch.Tensor | None = None  # (N, h, w) loss weight of each latent cell (--focus)
+        self.ground: torch.Tensor | None = None  # (N, K, h, w) cells of each grounded kind's mask (--ground)
 
     def add_films(self, rows: list[int], film_dists: torch.Tensor) -> None:
         self.film_row = torch.full((len(self.dists),), -1, dtype=torch.long)
@@ -141,10 +144,15 @@ class LatentSet(torch.utils.data.Dataset):
     def add_focus(self, weights: torch.Tensor) -> None:
         self.focus = weights
 
+    def add_ground(self, masks: torch.Tensor) -> None:
+        self.ground = masks
+
     def __getitem__(self, i: int) -> dict:
         item = {"latent_dist": self.dists[i], "prompt": self.prompts[i], "labels": self.labels[i]}
         if self.focus is not None:
             item["focus"] = self.focus[i]
+        if self.ground is not None:
+            item["ground"] = self.ground[i]
         if self.film_row is not None:
             r = int(self.film_row[i])
             item["has_film"] = r >= 0
@@ -223,20 +231,12 @@ def cache_films(vae, ds, latents: LatentSet, specs, cfg: FinetuneConfig, out: Pa
 def focus_weights(data, dicom_ids: list[str], weights: dict, grid: tuple[int, int]) -> torch.Tensor:
     """--focus: (N, h, w) loss weights on the latent grid, 1 + W on the cells a kind's finding mask touches
     (max-pooled from the mask's grid; the largest W where kinds overlap), 1 elsewhere and on films without one."""
-    import numpy as np
-    import torch.nn.functional as F
+    from ..simulator.masks import grid_masks
 
-    from ..simulator.masks import load_masks
-
+    on = grid_masks(data, dicom_ids, tuple(weights), grid)
     out = torch.ones(len(dicom_ids), *grid)
-    for kind, w in weights.items():
-        table, _ = load_masks(data, (kind,))
-        rows = [i for i, d in enumerate(dicom_ids) if d in table and table[d].any()]
-        if not rows:
-            continue
-        m = torch.from_numpy(np.stack([table[dicom_ids[i]] for i in rows]).astype(np.float32))[:, None]
-        on = F.adaptive_max_pool2d(m, grid)[:, 0] > 0
-        out[rows] = torch.where(on, torch.clamp(out[rows], min=1.0 + float(w)), out[rows])
+    for k, w in enumerate(weights.values()):
+        out = torch.where(on[:, k], torch.clamp(out, min=1.0 + float(w)), out)
     return out
 
 
@@ -282,15 +282,40 @@ class Denoised:
     per: torch.Tensor  # per-image squared error (before min-SNR weighting)
 
 
+@dataclasses.dataclass
+class GroundTerm:
+    """--ground for one denoising pass: the batch's kind masks, the kinds' weights, and what the pass gave."""
+
+    grounding: "object"  # train.ground.Grounding, read by the U-Net's cross-attention processors
+    kinds: tuple[str, ...]
+    weights: torch.Tensor  # (K,)
+    masks: torch.Tensor  # (B, K, h, w)
+    loss: torch.Tensor | None = None
+    share: float | None = None  # mean share of the words' attention on their finding
+    positions: torch.Tensor | None = None
+
+    def before(self, tokenizer, prompts: list[str]) -> None:
+        from .ground import word_positions
+
+        self.positions = word_positions(tokenizer, prompts, self.kinds).to(self.masks.device)
+        self.grounding.start(self.positions)
+
+    def after(self) -> None:
+        from .ground import grounding_loss
+
+        self.loss, self.share = grounding_loss(self.grounding.stop(), self.masks, self.weights, self.positions)
+
+
 def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str], cfg: FinetuneConfig,
                    latent_dist: torch.Tensor | None = None, keep: list | None = None,
-                   focus: torch.Tensor | None = None) -> torch.Tensor:
+                   focus: torch.Tensor | None = None, ground: "GroundTerm | None" = None) -> torch.Tensor:
     """Denoising loss on latents (epsilon or v target), min-SNR weighted (Hang et al. 2023).
 
     ``parts`` holds the (possibly accelerate-wrapped) vae, unet, text_encoder and tokenizer;
     ``latent_dist`` (cached posterior parameters) replaces encoding ``images``; a ``keep`` list receives the
     pass's ``Denoised`` (its per-image errors unweighted: the prompt contrast compares readings of one film);
-    ``focus`` (B, h, w) weighs each latent cell's squared error (--focus).
+    ``focus`` (B, h, w) weighs each latent cell's squared error (--focus); a ``ground`` term reads the
+    pass's cross-attention maps of the grounded words and keeps its loss and share in ``ground`` (--ground).
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -307,7 +332,11 @@ def diffusion_loss(parts, noise_sched, images: torch.Tensor, prompts: list[str],
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_sched.add_noise(latents, noise, t)
     read = drop_prompts(prompts, cfg.text_dropout)
+    if ground is not None:
+        ground.before(parts.tokenizer, read)
     pred = parts.unet(noisy, t, encode_text(parts, read)).sample
+    if ground is not None:
+        ground.after()
     target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
     sq = F.mse_loss(pred.float(), target.float(), reduction="none")
     per = sq.mean(dim=(1, 2, 3))
@@ -441,9 +470,10 @@ def random_crop(images: torch.Tensor, side: int) -> torch.Tensor:
     return images[..., top:top + side, left:left + side]
 
 
-def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig, contrast: list | None = None
-              ) -> tuple[torch.Tensor, dict]:
-    """The step's loss and its logged parts; ``contrast`` (``contrast.contrast_labels``) adds the prompt contrast."""
+def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig, contrast: list | None = None,
+              grounding=None) -> tuple[torch.Tensor, dict]:
+    """The step's loss and its logged parts; ``contrast`` (``contrast.contrast_labels``) adds the prompt contrast,
+    ``grounding`` (``ground.Grounding``, installed on the U-Net) the token grounding of --ground."""
     dev = images_device(parts)
     images = batch["image"].to(dev) if "image" in batch else None
     dist = batch["latent_dist"].to(dev) if "latent_dist" in batch else None
@@ -453,9 +483,15 @@ def step_loss(parts, noise_sched, batch: dict, cfg: FinetuneConfig, contrast: li
         logs["loss_vae"], loss = lv.item(), loss + lv
     if set(cfg.train) & {"unet", "text_encoder"}:
         keep = [] if contrast else None
+        term = None
+        if grounding is not None and "ground" in batch:
+            term = GroundTerm(grounding, tuple(cfg.ground), torch.tensor(list(cfg.ground.values())),
+                              batch["ground"].to(dev))
         ld = diffusion_loss(parts, noise_sched, images, batch["prompt"], cfg, latent_dist=dist, keep=keep,
-                            focus=batch.get("focus"))
+                            focus=batch.get("focus"), ground=term)
         logs["loss_diffusion"], loss = ld.item(), loss + ld
+        if term is not None and term.loss is not None:
+            logs["loss_ground"], logs["ground_share"], loss = term.loss.item(), term.share, loss + term.loss
         if contrast:
             from .contrast import contrast_loss
 
@@ -547,6 +583,11 @@ def train(cfg: FinetuneConfig, progress: bool = True, until: int | None = None) 
         if cfg.focus:
             latents.add_focus(focus_weights(cfg.data, [str(d) for d in ds.frame["dicom_id"]], cfg.focus,
                                             tuple(latents.dists.shape[-2:])))
+        if cfg.ground:
+            from ..simulator.masks import grid_masks
+
+            latents.add_ground(grid_masks(cfg.data, [str(d) for d in ds.frame["dicom_id"]], tuple(cfg.ground),
+                                          tuple(latents.dists.shape[-2:])))
         ds = latents
     if cfg.oversample:  # after caching: each image is encoded once however often it is seen
         ds = torch.utils.data.Subset(ds, repeats)
@@ -559,6 +600,12 @@ def train(cfg: FinetuneConfig, progress: bool = True, until: int | None = None) 
         m.to(accelerator.device)
     ema = make_ema(mods, cfg)
     parts = Parts(pipe, wrapped)
+    grounding, replaced = None, None
+    if cfg.ground:  # the cross-attention layers report the grounded words' maps (train/ground.py)
+        from .ground import Grounding, install
+
+        grounding = Grounding()
+        replaced = install(pipe.unet, grounding)
     # The model's own noise schedule (SD 2.x predicts v, SD 1.x and the tiny model epsilon).
     from diffusers import DDPMScheduler
 
@@ -582,7 +629,7 @@ def train(cfg: FinetuneConfig, progress: bool = True, until: int | None = None) 
         for m in wrapped.values():
             m.train()
         with accelerator.accumulate(*wrapped.values()):
-            loss, logs = step_loss(parts, noise_sched, batch, cfg, contrast)
+            loss, logs = step_loss(parts, noise_sched, batch, cfg, contrast, grounding)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_([p for m in wrapped.values() for p in m.parameters()], cfg.max_grad_norm)
@@ -601,6 +648,10 @@ def train(cfg: FinetuneConfig, progress: bool = True, until: int | None = None) 
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     bar.close(), log.close()
+    if replaced is not None:
+        from .ground import uninstall
+
+        uninstall(pipe.unet, replaced)
     # 7. Final checkpoint (EMA weights) and samples from it; a pause keeps only the state.
     save_state(accelerator, ema, out, step, seen, time.perf_counter() - t0)
     accelerator.wait_for_everyone()
