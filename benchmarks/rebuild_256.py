@@ -5,8 +5,9 @@ step is skipped when its output is complete; an interrupted step resumes where i
 resumes itself), so running this script again after a cut carries on. Steps, in order, with their 2-core times:
 
   sim256-judge            8,000 simulated exams at 256 px, seed 1, with the lesion kinds' finding masks (15 min)
+  judge-256-spot          the evaluation judge read at 256 px, with the spot head (66 min): first, since every
+                          measurement needs it
   dec256                  the default's decoder finetuned on 64 px crops of those films (tiny-256-dec1, 23 min)
-  judge-256-spot          the evaluation judge read at 256 px, with the spot head (66 min)
   u256                    the 256 px U-Net and text encoder, 6,000 steps (tiny-256-v1, 3.4 h)
   u256-f1                 the film-contrast run from it, paused at step 1,000 of its 5,000-step schedule (2 h)
   u256-f1-snap1000        the EMA weights of that pause (tiny-256-f1-step1000)
@@ -66,12 +67,6 @@ STEPS = [
          lambda runs: [[*CLI, "simulate", "--out", str(runs / "sim256-judge"), "--n", "8000", "--size", "256",
                         "--seed", "1", "--finding-masks", "calcified_granuloma,nodule,mass"]],
          lambda runs: (runs / "sim256-judge" / "finding_masks.npz").is_file()),
-    Step("dec256", 23,
-         train("dec256", "--model", "models/default", "--image-size", "256", "--train", "vae", "--vae-decoder-only",
-               "--vae-crop", "64", "--steps", "1500", "--batch-size", "16", "--lr", "2e-4", "--warmup-steps", "50",
-               "--lr-schedule", "cosine", "--vae-ssim-weight", "0.5", "--num-workers", "1",
-               "--version", "tiny-256-dec1"),
-         checkpoint_done("dec256/checkpoint")),
     Step("judge-256-spot", 66,
          lambda runs: [[*CLI, "judge", "train", "--data", str(runs / "sim256-judge"),
                         "--out", str(runs / "judge-256-spot"), "--read-size", "256", "--arch", "resnet18",
@@ -79,6 +74,12 @@ STEPS = [
                         "--oversample", "nodule=3,mass=4", "--spot-kinds", "calcified_granuloma,nodule,mass"]],
          lambda runs: (runs / "judge-256-spot" / "judge.json").is_file()
          and not (runs / "judge-256-spot" / "state.pt").exists()),
+    Step("dec256", 23,
+         train("dec256", "--model", "models/default", "--image-size", "256", "--train", "vae", "--vae-decoder-only",
+               "--vae-crop", "64", "--steps", "1500", "--batch-size", "16", "--lr", "2e-4", "--warmup-steps", "50",
+               "--lr-schedule", "cosine", "--vae-ssim-weight", "0.5", "--num-workers", "1",
+               "--version", "tiny-256-dec1"),
+         checkpoint_done("dec256/checkpoint")),
     Step("u256", 204,
          train("u256", "--model", "RUNS/dec256/checkpoint", "--unet-attention", "cross,full,none",
                "--train", "unet,text_encoder", "--cache-latents", "--steps", "6000", "--batch-size", "32",

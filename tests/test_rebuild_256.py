@@ -63,7 +63,7 @@ def test_the_real_steps_know_what_is_done_and_parse_with_the_cli(tmp_path):
     (runs / "u256-f1" / "state").mkdir(parents=True)
     (runs / "u256-f1" / "state" / "progress.json").write_text(json.dumps({"step": 1000}))
     done = {s.name: d for s, d in rb.plan(rb.STEPS, runs)}
-    assert done == {"sim256-judge": True, "dec256": False, "judge-256-spot": False, "u256": False, "u256-f1": True,
+    assert done == {"sim256-judge": True, "judge-256-spot": False, "dec256": False, "u256": False, "u256-f1": True,
                     "u256-f1-snap1000": False, "eval-spot-u256f1-1000": False}
     from training.cli import build_parser
 
