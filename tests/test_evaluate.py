@@ -198,3 +198,28 @@ def test_an_interrupted_generation_resumes_from_its_last_chunk(setup, tmp_path, 
     assert calls == [2, 2, 1, 1]  # only the last chunk sampled again
     assert torch.allclose(again, whole, atol=1e-5)
     assert (folder / "heldout.pt").is_file() and not list(folder.glob("heldout.part*"))
+
+
+def test_generate_only_keeps_the_images_and_a_later_evaluation_scores_them_without_sampling(setup, tmp_path,
+                                                                                              monkeypatch):
+    """--generate-only samples the held-out and diversity images with no judge and writes no metrics; the same
+    evaluation with a judge then samples nothing."""
+    import training.generation as G
+
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--out", str(out),
+                           "--model", str(setup / "model"), "--data", str(setup / "data"), "--n-prompts", "16",
+                           "--diversity-prompts", "2", "--steps", "2", "--test-split", "train", "--generate-only"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"generated": str(out / "generated"), "heldout": 16,
+                                                                "diversity": 8}
+    assert (out / "generated" / "heldout.pt").is_file() and (out / "generated" / "diversity.pt").is_file()
+    assert not (out / "metrics.json").exists() and not (out / "judge").exists()
+    calls = []
+    monkeypatch.setattr(G, "generate", lambda *a, **k: calls.append(a[1]) or pytest.fail("sampled again"))
+    cfg = EvalConfig(out=str(out), model=str(setup / "model"), data=str(setup / "data"),
+                     judge=str(setup / "report" / "judge"), n_prompts=16, diversity_prompts=2, steps=2,
+                     augment_real=0, test_split="train", val_split="train", panel="none")
+    m = evaluate(cfg)
+    assert calls == [] and math.isfinite(m["fid"]) and 0 <= m["ms_ssim_generated"] <= 1

@@ -26,10 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="MIMIC-layout data set with train / validate / test splits")
     p.add_argument("--judge", default=None, help="trained judge folder (judge.json)")
     for f in dataclasses.fields(EvalConfig):
-        if f.name in ("out", "model", "data", "judge"):
+        if f.name in ("out", "model", "data", "judge", "generate_only"):
             continue
         kind = str if f.default is None else type(f.default)  # `str | None` fields (--prompts-file, --panel)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, dest=f.name)
+    p.add_argument("--generate-only", action="store_true", default=None, dest="generate_only",
+                   help="sample and keep the held-out and diversity images (OUT/generated/) and stop, with no judge: "
+                        "the same command without it later scores them without sampling again (sample where the "
+                        "generator runs fast, judge later)")
     p.add_argument("--write-manifest", action="store_true", help="store the metrics in the model's manifest")
     p.set_defaults(func=run)
 
@@ -55,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     metrics = evaluate(cfg)
+    if cfg.generate_only:
+        print(json.dumps(metrics))
+        return 0
     if args.write_manifest:
         from ..model.checkpoint import Manifest
 

@@ -35,6 +35,9 @@ class EvalConfig:
     scheduler: str = "ddim"  # sampler, one of training.generation.SCHEDULERS (as cxrgen generate --scheduler)
     batch_size: int = 16  # generation batch
     seed: int = 0  # generation and training seed
+    # sample and keep the held-out and diversity images (OUT/generated/) and stop: no judge, no metrics; a later
+    # evaluation into the same OUT (with a judge) scores them without sampling again
+    generate_only: bool = False
     device: str = "cpu"  # "cpu" or "cuda"
     train_split: str = "train"  # split that trains the judge and the augmentation classifiers
     val_split: str = "validate"  # held-out split: effusion threshold, FID floor

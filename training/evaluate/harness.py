@@ -165,6 +165,14 @@ def generate_images(pipe, prompts: list[str], cfg: EvalConfig, seed: int, name: 
     return imgs
 
 
+def diversity_images(pipe, prompts: list[str], cfg: EvalConfig, fingerprint: str) -> torch.Tensor:
+    """4 samples of each of the first ``cfg.diversity_prompts`` prompts (seeds from seed + 10,000), kept as
+    OUT/generated/diversity.pt: MS-SSIM's images."""
+    k = min(cfg.diversity_prompts, len(prompts))
+    return generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000, "diversity",
+                           fingerprint)
+
+
 def load_generated(out, name: str = "heldout") -> torch.Tensor:
     """The images an evaluation kept in OUT/generated/NAME.pt (``generate_images``), also from an evaluation
     that wrote the older layout (the images under "images")."""
@@ -341,7 +349,8 @@ def conditioning(judge, real_val, gen: ImageSet, gen_rows, test_imgs, test_label
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run every metric; write OUT/metrics.json, report.md, samples.png, auroc.png."""
+    """Run every metric; write OUT/metrics.json, report.md, samples.png, auroc.png. With ``cfg.generate_only``:
+    sample and keep the images only, and return how many."""
     from ..model.checkpoint import Manifest, load_pipeline
 
     cfg.validate()
@@ -354,7 +363,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     set_scheduler(pipe, cfg.scheduler)
     size = pipe.vae.config.sample_size
-    judge = get_judge(cfg, size)
+    judge = None if cfg.generate_only else get_judge(cfg, size)
     test_imgs, test_labels, test_rows = take(dataset(cfg, cfg.test_split, size), cfg.n_prompts)
     val_imgs, val_labels, val_rows = take(dataset(cfg, cfg.val_split, size), cfg.n_prompts)
     # 3. One image per held-out prompt: the test split's, then the prompts file's (worded otherwise).
@@ -362,6 +371,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     extra_prompts, extra_labels, extra_rows = extra_heldout(cfg)
     weights = model_fingerprint(cfg.model)  # the key of the cached images
     all_imgs = generate_images(pipe, prompts + extra_prompts, cfg, cfg.seed, "heldout", weights)
+    if cfg.generate_only:  # the diversity images too (step 6's prompts and seeds), then stop
+        rep = diversity_images(pipe, prompts, cfg, weights)
+        return {"generated": str(out / "generated"), "heldout": len(all_imgs), "diversity": len(rep)}
     gen_imgs, extra_imgs = all_imgs[:len(prompts)], all_imgs[len(prompts):]
     m = {"model_version": manifest.version if manifest else Path(cfg.model).name, "data": cfg.data,
          "n_prompts": len(prompts), "n_prompts_extra": len(extra_prompts), "steps": cfg.steps,
@@ -397,9 +409,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     m["fid_vae_reconstruction"], _ = fid_kid(feat, test_imgs, vae_roundtrip(pipe, val_imgs))
     m["fid_ratio_to_floor"] = m["fid"] / m["fid_floor"] if m["fid_floor"] else math.nan
     # 6. Diversity: 4 samples per prompt vs groups of 4 real images.
-    k = min(cfg.diversity_prompts, len(prompts))
-    rep = generate_images(pipe, [p for p in prompts[:k] for _ in range(4)], cfg, cfg.seed + 10_000, "diversity",
-                          weights)
+    rep = diversity_images(pipe, prompts, cfg, weights)
+    k = len(rep) // 4
     m["ms_ssim_generated"] = mean_pairwise_msssim(list(rep.split(4)))
     m["ms_ssim_real"] = mean_pairwise_msssim(list(test_imgs[: 4 * (len(test_imgs) // 4)][: 4 * k].split(4)))
     # 7. Posture.
