@@ -9,6 +9,8 @@ lesion, which is what token grounding (`cxrgen train --ground`) trains.
 
 Usage: python benchmarks/grounding_share.py --model M [--model M2 ...] --data DATA [--kinds mass,nodule]
     [--n 64] [--t 200,500,800] [--out benchmarks/results/grounding-share-cpu.json]
+    [--figure PNG --evals EVAL1,EVAL2]   the first test films of each kind, each real film above the images the
+                                         evaluations (cxrgen evaluate, --generate-only will do) made for its report
 """
 
 from __future__ import annotations
@@ -101,6 +103,28 @@ def measure(model: str, data: str, kinds: tuple[str, ...], n: int, timesteps: li
     return {"model": model, "version": Manifest.read(Path(model)).version, "size": size, "kinds": rows}
 
 
+def look_figure(data: str, evals: list[str], kinds: tuple[str, ...], path: Path, per_kind=(7, 4, 3)) -> int:
+    """A PNG: for the first test films of each kind, the real film above each evaluation's image of its report
+    (the evaluations' cached held-out images, first prompts = the test split's). Returns the columns drawn."""
+    import numpy as np
+    from PIL import Image
+
+    from training.evaluate.harness import EvalConfig, dataset, load_generated, take
+
+    gens = [load_generated(e) for e in evals]
+    size = gens[0].shape[-1]
+    n = min(len(g) for g in gens)
+    real, _, rows = take(dataset(EvalConfig(out="", model="", data=data), "test", size), n)
+    cols = []
+    for kind, k in zip(kinds, per_kind):
+        for i in [i for i, r in enumerate(rows) if any(f["kind"] == kind for f in r["findings"])][:k]:
+            cols.append(np.concatenate([(x[i, 0].numpy() + 1) / 2 for x in (real, *gens)], 0))
+    if cols:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.concatenate(cols, 1).clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return len(cols)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", required=True, help="a pipeline folder (repeatable)")
@@ -109,7 +133,15 @@ def main() -> int:
     p.add_argument("--n", type=int, default=64, help="test films per kind")
     p.add_argument("--t", default="200,500,800", help="timesteps, comma list")
     p.add_argument("--out", help="JSON results file")
+    p.add_argument("--figure", help="with --evals: a PNG of real films above the evaluations' images")
+    p.add_argument("--evals", help="comma list of cxrgen evaluate folders of --data (their generated/heldout.pt)")
     a = p.parse_args()
+    if bool(a.figure) != bool(a.evals):
+        p.error("--figure and --evals go together")
+    if a.evals:
+        missing = [e for e in a.evals.split(",") if not (Path(e) / "generated" / "heldout.pt").is_file()]
+        if missing:
+            p.error(f"--evals: no generated/heldout.pt in {missing} (run cxrgen evaluate, --generate-only will do)")
     from training.simulator.masks import MASKS_FILE, load_masks
     from training.train.ground import KIND_WORDS
 
@@ -134,6 +166,9 @@ def main() -> int:
             print(f"{r['version']:24s} {kind:20s} films {row['films']:3d}  {cells}")
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    if a.figure:
+        drawn = look_figure(a.data, a.evals.split(","), kinds, Path(a.figure))
+        print(f"{a.figure}: {drawn} films, real above {a.evals}")
     return 0
 
 

@@ -165,3 +165,28 @@ def test_grounding_share_benchmark_reads_films_that_name_their_lesion(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/grounding_share.py", "--model", str(model), "--data",
                            str(data), "--kinds", "edema"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "--kinds: no report words are known for ['edema']" in proc.stderr
+
+
+def test_look_figure_puts_each_real_film_above_the_evaluations_images(tmp_path):
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import grounding_share
+
+    from training.simulator.dataset import SimulateConfig, simulate
+
+    data = tmp_path / "sim"
+    simulate(SimulateConfig(out=str(data), n=40, size=128, seed=5, workers=1, real_fraction=0.5), progress=False)
+    evals = []
+    for j, v in enumerate((-1.0, 1.0)):  # two "evaluations": all black, all white
+        (tmp_path / f"e{j}" / "generated").mkdir(parents=True)
+        torch.save({"value": torch.full((8, 1, 32, 32), v)}, tmp_path / f"e{j}" / "generated" / "heldout.pt")
+        evals.append(str(tmp_path / f"e{j}"))
+    cols = grounding_share.look_figure(str(data), evals, ("calcified_granuloma", "nodule", "mass"), tmp_path / "f.png")
+    assert cols >= 1
+    img = np.asarray(Image.open(tmp_path / "f.png"))
+    assert img.shape == (3 * 32, cols * 32)
+    assert img[32:64].max() == 0 and img[64:].min() == 255  # the rows under the real films are the evaluations'
