@@ -58,7 +58,7 @@ def measure(model: str, data: str, kinds: tuple[str, ...], n: int, timesteps: li
 
     from training.model.checkpoint import Manifest, load_pipeline
     from training.simulator.masks import grid_masks
-    from training.train.ground import Grounding, install, uninstall, word_positions
+    from training.train.ground import Grounding, grounding_loss, install, uninstall, word_positions
     from training.train.loop import encode_text, to_model_channels
 
     pipe, _ = load_pipeline(model)
@@ -89,14 +89,12 @@ def measure(model: str, data: str, kinds: tuple[str, ...], n: int, timesteps: li
                     g.start(pos)
                     pipe.unet(pipe.scheduler.add_noise(lat, noise, tt), tt, text)
                     maps = g.stop()
-                    shares, evens = [], []
+                    _, share = grounding_loss(maps, masks, torch.ones(1), pos)  # the training term's own share
+                    evens = []  # what an evenly spread word gets: the lesion's area on each layer's grid
                     for a in maps:
                         side = int(round(a.shape[-1] ** 0.5))
-                        m = F.adaptive_max_pool2d(masks.float(), (side, side)).flatten(2)[:, 0]  # (N, HW)
-                        a = a[:, 0]
-                        shares.append(((a * m).sum(1) / a.sum(1).clamp_min(1e-9)).mean().item())
-                        evens.append(m.mean(1).mean().item())
-                    rows[kind]["share"][str(t)] = round(sum(shares) / len(shares), 4)
+                        evens.append(F.adaptive_max_pool2d(masks.float(), (side, side)).mean().item())
+                    rows[kind]["share"][str(t)] = round(share, 4)
                     rows[kind]["even"][str(t)] = round(sum(evens) / len(evens), 4)
     finally:
         uninstall(pipe.unet, before)
