@@ -107,16 +107,18 @@ def look_figure(data: str, evals: list[str], kinds: tuple[str, ...], path: Path,
     import numpy as np
     from PIL import Image
 
-    from training.evaluate.harness import EvalConfig, dataset, load_generated, take
+    from training.evaluate.harness import EvalConfig, dataset, load_generated
 
     gens = [load_generated(e) for e in evals]
     size = gens[0].shape[-1]
     n = min(len(g) for g in gens)
-    real, _, rows = take(dataset(EvalConfig(out="", model="", data=data), "test", size), n)
+    ds = dataset(EvalConfig(out="", model="", data=data), "test", size)
+    rows = [ds.ground_truth[d] for d in ds.frame["dicom_id"][:n]]  # the films are read only where drawn
     cols = []
     for kind, k in zip(kinds, per_kind):
         for i in [i for i, r in enumerate(rows) if any(f["kind"] == kind for f in r["findings"])][:k]:
-            cols.append(np.concatenate([(x[i, 0].numpy() + 1) / 2 for x in (real, *gens)], 0))
+            films = [ds[i]["image"][0]] + [g[i, 0] for g in gens]
+            cols.append(np.concatenate([(f.numpy() + 1) / 2 for f in films], 0))
     if cols:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((np.concatenate(cols, 1).clip(0, 1) * 255).astype(np.uint8)).save(path)
