@@ -104,9 +104,7 @@ def measure(model: str, data: str, kinds: tuple[str, ...], n: int, timesteps: li
 def look_figure(data: str, evals: list[str], kinds: tuple[str, ...], path: Path, per_kind=(7, 4, 3)) -> int:
     """A PNG: for the first test films of each kind, the real film above each evaluation's image of its report
     (the evaluations' cached held-out images, first prompts = the test split's). Returns the columns drawn."""
-    import numpy as np
-    from PIL import Image
-
+    from judge_findings import stack_figure
     from training.evaluate.harness import EvalConfig, dataset, load_generated
 
     gens = [load_generated(e) for e in evals]
@@ -114,15 +112,7 @@ def look_figure(data: str, evals: list[str], kinds: tuple[str, ...], path: Path,
     n = min(len(g) for g in gens)
     ds = dataset(EvalConfig(out="", model="", data=data), "test", size)
     rows = [ds.ground_truth[d] for d in ds.frame["dicom_id"][:n]]  # the films are read only where drawn
-    cols = []
-    for kind, k in zip(kinds, per_kind):
-        for i in [i for i, r in enumerate(rows) if any(f["kind"] == kind for f in r["findings"])][:k]:
-            films = [ds[i]["image"][0]] + [g[i, 0] for g in gens]
-            cols.append(np.concatenate([(f.numpy() + 1) / 2 for f in films], 0))
-    if cols:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.concatenate(cols, 1).clip(0, 1) * 255).astype(np.uint8)).save(path)
-    return len(cols)
+    return stack_figure(rows, kinds, per_kind, lambda i: [ds[i]["image"][0], *(g[i, 0] for g in gens)], path)
 
 
 def main() -> int:

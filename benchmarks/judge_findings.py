@@ -146,16 +146,24 @@ def generated_images(folder: Path, data: str, n_test: int):
 def pair_figure(real, gen, rows: list[dict], kinds: list[str], path: Path, k: int = 3) -> None:
     """PNG of the first ``k`` test films showing each of ``kinds``: the real film above the image generated for
     its report (same order as the tables)."""
+    stack_figure(rows, kinds, [k] * len(kinds), lambda i: [real[i, 0], gen[i, 0]], path)
+
+
+def stack_figure(rows: list[dict], kinds, per_kind, films_of, path: Path) -> int:
+    """PNG of columns, one per test film: for each kind the first ``per_kind`` films (of ``rows``, the test split's
+    ground truth) showing it, each column ``films_of(i)``'s (H, W) images in [-1, 1], stacked top to bottom.
+    Returns the columns drawn (no file when none)."""
     import numpy as np
     from PIL import Image
 
     cols = []
-    for kind in kinds:
+    for kind, k in zip(kinds, per_kind):
         for i in [i for i, r in enumerate(rows) if any(f["kind"] == kind for f in r["findings"])][:k]:
-            cols.append(np.concatenate([(real[i, 0].numpy() + 1) / 2, (gen[i, 0].numpy() + 1) / 2], 0))
+            cols.append(np.concatenate([(f.numpy() + 1) / 2 for f in films_of(i)], 0))
     if cols:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((np.concatenate(cols, 1).clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return len(cols)
 
 
 def label_table(s, rows: list[dict], label: str, real=None) -> tuple[dict, list[str]]:
