@@ -496,3 +496,41 @@ def test_ground_trains_on_cached_latents_and_errors_are_clear(masked, tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert message in proc.stderr, (message, proc.stderr)
+
+
+def test_noise_shift_divides_the_snr_and_travels_with_the_checkpoint(data, vae_run, tmp_path):
+    """--noise-shift 4: the trained model's schedule has a quarter of its parent's SNR at every timestep, saved in
+    its scheduler config, so every sampler built from it (and a second shift on top) follows it."""
+    from training.generation import make_scheduler
+    from training.model.components import shift_noise_schedule
+
+    parent, _ = load_pipeline(vae_run / "checkpoint")
+    folder = train(cfg(data, tmp_path / "s", model=str(vae_run / "checkpoint"), train=("unet",), noise_shift=4.0),
+                   progress=False)
+    pipe, manifest = load_pipeline(folder)
+    assert manifest.config["finetune"]["noise_shift"] == 4.0
+    snr = lambda ac: ac.double() / (1 - ac.double())  # noqa: E731
+    torch.testing.assert_close(snr(pipe.scheduler.alphas_cumprod), snr(parent.scheduler.alphas_cumprod) / 4,
+                               rtol=1e-4, atol=0)
+    assert type(pipe.scheduler) is type(parent.scheduler)
+    assert pipe.scheduler.config.set_alpha_to_one == parent.scheduler.config.set_alpha_to_one
+    for name in ("ddpm", "dpm", "euler"):
+        torch.testing.assert_close(make_scheduler(name, pipe.scheduler.config).alphas_cumprod,
+                                   pipe.scheduler.alphas_cumprod)
+    twice = shift_noise_schedule(shift_noise_schedule(parent.scheduler, 2.0), 2.0)
+    torch.testing.assert_close(twice.alphas_cumprod, pipe.scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(shift_noise_schedule(parent.scheduler, 1.0).alphas_cumprod,
+                               parent.scheduler.alphas_cumprod, rtol=1e-6, atol=1e-8)
+    # A run without the flag keeps its parent's schedule as it is.
+    plain, _ = load_pipeline(train(cfg(data, tmp_path / "p", model=str(vae_run / "checkpoint"), train=("unet",)),
+                                   progress=False))
+    assert torch.equal(plain.scheduler.alphas_cumprod, parent.scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "nan", "four"])
+def test_a_bad_noise_shift_is_refused_by_name(value, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", str(tmp_path), "--out",
+                           str(tmp_path / "o"), "--init", "tiny", "--noise-shift", value],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--noise-shift" in proc.stderr

@@ -87,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="min-SNR loss weighting (Hang et al. 2023; default 5): each timestep's loss is weighted "
                         "min(SNR, GAMMA) / SNR, which all but drops the low-noise steps where thin detail is "
                         "learned; 'off' trains on the plain epsilon MSE")
+    p.add_argument("--noise-shift", type=float, dest="noise_shift", metavar="S",
+                   help="shift the model's noise schedule to SNR(t) / S at every timestep (Hoogeboom et al. 2023: "
+                        "a finer grid needs more noise to hide a large structure; S = 4 for twice the side); "
+                        "saved in the checkpoint's scheduler, so sampling uses it too (default 1: unchanged)")
     p.add_argument("--version", help="version name of the resulting checkpoint")
     p.add_argument("--until", type=positive_step, metavar="STEP",
                    help="pause after this step with the resumable state saved (OUT/state), keeping --steps' "

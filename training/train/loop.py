@@ -41,7 +41,17 @@ from .config import FinetuneConfig
 
 
 def build_model(cfg: FinetuneConfig, prompts: list[str]):
-    """Fresh tiny pipeline (tokenizer trained on the data's prompts + IU reports) or a loaded one."""
+    """Fresh tiny pipeline (tokenizer trained on the data's prompts + IU reports) or a loaded one, its noise
+    schedule shifted by ``cfg.noise_shift``."""
+    pipe = _build_model(cfg, prompts)
+    if cfg.noise_shift != 1:
+        from ..model.components import shift_noise_schedule
+
+        pipe.scheduler = shift_noise_schedule(pipe.scheduler, cfg.noise_shift)
+    return pipe
+
+
+def _build_model(cfg: FinetuneConfig, prompts: list[str]):
     if cfg.model:
         pipe, _ = load_pipeline(cfg.model)
         if cfg.unet_attention:
