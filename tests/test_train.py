@@ -521,16 +521,24 @@ def test_noise_shift_divides_the_snr_and_travels_with_the_checkpoint(data, vae_r
     torch.testing.assert_close(twice.alphas_cumprod, pipe.scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(shift_noise_schedule(parent.scheduler, 1.0).alphas_cumprod,
                                parent.scheduler.alphas_cumprod, rtol=1e-6, atol=1e-8)
+    # Ramped: no shift at the first timestep, half the shift (in log SNR) midway, all of it at the last.
+    ramp = shift_noise_schedule(parent.scheduler, 4.0, ramp=True).alphas_cumprod
+    ratio = snr(ramp) / snr(parent.scheduler.alphas_cumprod)
+    n = len(ratio) - 1
+    torch.testing.assert_close(ratio[[0, n // 2, n]].float(), torch.tensor([1.0, 4 ** -((n // 2) / n), 0.25]),
+                               rtol=1e-4, atol=0)
+    assert bool((ratio[1:] <= ratio[:-1]).all())
     # A run without the flag keeps its parent's schedule as it is.
     plain, _ = load_pipeline(train(cfg(data, tmp_path / "p", model=str(vae_run / "checkpoint"), train=("unet",)),
                                    progress=False))
     assert torch.equal(plain.scheduler.alphas_cumprod, parent.scheduler.alphas_cumprod)
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "nan", "four"])
-def test_a_bad_noise_shift_is_refused_by_name(value, tmp_path):
+@pytest.mark.parametrize("args", [["--noise-shift", "0"], ["--noise-shift", "-2"], ["--noise-shift", "nan"],
+                                  ["--noise-shift", "four"], ["--noise-shift-ramp"]])
+def test_a_bad_noise_shift_is_refused_by_name(args, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "--data", str(tmp_path), "--out",
-                           str(tmp_path / "o"), "--init", "tiny", "--noise-shift", value],
+                           str(tmp_path / "o"), "--init", "tiny", *args],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--noise-shift" in proc.stderr

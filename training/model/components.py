@@ -215,18 +215,21 @@ def training_scheduler(prediction_type: str = "epsilon"):
                          steps_offset=1)
 
 
-def shift_noise_schedule(scheduler, shift: float):
+def shift_noise_schedule(scheduler, shift: float, ramp: bool = False):
     """A copy of ``scheduler`` (any diffusers scheduler with ``alphas_cumprod``) whose signal-to-noise ratio is
     SNR(t) / ``shift`` at every training timestep (Hoogeboom et al. 2023, "simple diffusion"; Chen 2023): same
     class, same options, the new schedule given as ``trained_betas`` so it is saved with the model and every
-    sampler built from its config (``training.generation.make_scheduler``) follows it. ``shift`` 1 returns the
-    schedule unchanged; shifts compose (2 then 2 is 4)."""
+    sampler built from its config (``training.generation.make_scheduler``) follows it. ``ramp``: the shift grows
+    with t, log-linearly from none at the first timestep to ``shift`` at the last (simple diffusion's
+    interpolated schedule), so the low-noise end, where fine detail is drawn and where a sampler's last step
+    stops, keeps its schedule. ``shift`` 1 returns the schedule unchanged; shifts compose (2 then 2 is 4)."""
     import numpy as np
 
     if not (shift > 0 and np.isfinite(shift)):
         raise ValueError(f"noise shift must be a positive number, got {shift}")
     ac = scheduler.alphas_cumprod.double().numpy()
-    snr = ac / (1.0 - ac) / shift
+    w = np.linspace(0.0, 1.0, len(ac)) if ramp else np.ones_like(ac)
+    snr = ac / (1.0 - ac) * np.power(float(shift), -w)
     shifted = snr / (1.0 + snr)
     betas = 1.0 - shifted / np.concatenate([[1.0], shifted[:-1]])
     return type(scheduler).from_config(scheduler.config, trained_betas=betas.tolist())

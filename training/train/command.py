@@ -91,6 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shift the model's noise schedule to SNR(t) / S at every timestep (Hoogeboom et al. 2023: "
                         "a finer grid needs more noise to hide a large structure; S = 4 for twice the side); "
                         "saved in the checkpoint's scheduler, so sampling uses it too (default 1: unchanged)")
+    p.add_argument("--noise-shift-ramp", action="store_true", default=None,
+                   dest="noise_shift_ramp",
+                   help="with --noise-shift: the shift grows with t, from none at the first timestep to S at the "
+                        "last (simple diffusion's interpolated schedule), so the low-noise end where fine detail "
+                        "is drawn and where sampling stops keeps its schedule")
     p.add_argument("--version", help="version name of the resulting checkpoint")
     p.add_argument("--until", type=positive_step, metavar="STEP",
                    help="pause after this step with the resumable state saved (OUT/state), keeping --steps' "

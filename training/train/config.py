@@ -49,6 +49,7 @@ class FinetuneConfig:
     # learns less about drawing it from scratch. Written into the checkpoint's scheduler (trained_betas), so
     # sampling, evaluation and alignment use the shifted schedule; composes with a parent's own shift
     noise_shift: float = 1.0
+    noise_shift_ramp: bool = False  # the shift grows with t, from none at t = 0 to S at the last timestep
     ema: bool = True  # keep an exponential moving average of trained weights (saved instead of raw)
     ema_decay: float = 0.999  # EMA decay
     gradient_checkpointing: bool = False  # trade compute for memory (large models)
@@ -144,6 +145,8 @@ class FinetuneConfig:
         if not (self.noise_shift > 0 and math.isfinite(self.noise_shift)):
             raise ValueError(f"--noise-shift must be a positive number (1 = the schedule as it is), got "
                              f"{self.noise_shift}")
+        if self.noise_shift_ramp and self.noise_shift == 1:
+            raise ValueError("--noise-shift-ramp shapes --noise-shift: give --noise-shift S with S other than 1")
         if self.lora_rank and "unet" not in self.train:
             raise ValueError("--lora-rank adapts the U-Net: include unet in --train")
         from ..findings import KINDS, check_oversample

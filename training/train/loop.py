@@ -47,7 +47,7 @@ def build_model(cfg: FinetuneConfig, prompts: list[str]):
     if cfg.noise_shift != 1:
         from ..model.components import shift_noise_schedule
 
-        pipe.scheduler = shift_noise_schedule(pipe.scheduler, cfg.noise_shift)
+        pipe.scheduler = shift_noise_schedule(pipe.scheduler, cfg.noise_shift, cfg.noise_shift_ramp)
     return pipe
 
 
