@@ -44,7 +44,7 @@ class FinetuneConfig:
     # -- diffusion specifics --
     text_dropout: float = 0.1  # prompts replaced by "" so classifier-free guidance works
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None = plain MSE
-    # > 1: the noise schedule shifted to lower signal-to-noise, SNR(t) / S at every timestep (Hoogeboom et al.
+    # the noise schedule shifted to SNR(t) / S at every timestep (S > 1 noisier, S < 1 less noisy; Hoogeboom et al.
     # 2023; Chen 2023): a finer latent grid keeps a large structure visible through more noise, so the U-Net
     # learns less about drawing it from scratch. Written into the checkpoint's scheduler (trained_betas), so
     # sampling, evaluation and alignment use the shifted schedule; composes with a parent's own shift
