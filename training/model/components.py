@@ -228,7 +228,7 @@ def shift_noise_schedule(scheduler, shift: float, ramp: bool = False):
     if not (shift > 0 and np.isfinite(shift)):
         raise ValueError(f"noise shift must be a positive number, got {shift}")
     ac = scheduler.alphas_cumprod.double().numpy()
-    w = np.linspace(0.0, 1.0, len(ac)) if ramp else np.ones_like(ac)
+    w = np.linspace(0.0, 1.0, len(ac)) if ramp else 1.0
     snr = ac / (1.0 - ac) * np.power(float(shift), -w)
     shifted = snr / (1.0 + snr)
     betas = 1.0 - shifted / np.concatenate([[1.0], shifted[:-1]])
