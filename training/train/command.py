@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shift the model's noise schedule to SNR(t) / S at every timestep (Hoogeboom et al. 2023: "
                         "a finer grid needs more noise to hide a large structure; S > 1 noisier, S < 1 less noisy); "
                         "saved in the checkpoint's scheduler, so sampling uses it too (default 1: unchanged; at 128 "
-                        "px S = 4 had not adapted after 2,000 steps: see the README)")
+                        "px S = 4 did not adapt in 600 steps, nor ramped in 2,000: see the README)")
     p.add_argument("--noise-shift-ramp", action="store_true", default=None, dest="noise_shift_ramp",
                    help="with --noise-shift: the shift grows with t, from none at the first timestep to S at the "
                         "last (simple diffusion's interpolated schedule), so the low-noise end where fine detail "
